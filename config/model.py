@@ -1,0 +1,164 @@
+"""The validated configuration model.
+
+Names follow Swoole's where Swoole has one (`worker_num`, `max_connection`,
+`heartbeat_check_interval`, `heartbeat_idle_time`, `buffer_output_size`), so that Swoole
+users feel at home. Every model is frozen and forbids unknown keys: the master validates
+once, before forking, and workers inherit the same object.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+EMBEDDED = "embedded"
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 9501
+    path: str = "/ws"
+    worker_num: PositiveInt = Field(default_factory=_cpu_count)
+    node_id: str | None = None
+    backlog: PositiveInt = 2048
+    max_connection: PositiveInt = 100_000
+    heartbeat_check_interval: NonNegativeFloat = 25.0
+    heartbeat_idle_time: PositiveFloat = 60.0
+    buffer_output_size: PositiveInt = 2 * 1024 * 1024
+    max_message_size: PositiveInt = 1024 * 1024
+    websocket_compression: bool = False
+    close_timeout: PositiveFloat = 3.0
+    shutdown_timeout: PositiveFloat = 10.0
+    worker_timeout: PositiveFloat = 30.0
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or "?" in value or " " in value:
+            raise ValueError("must start with '/' and hold no query or spaces")
+        return value
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str | None) -> str | None:
+        if value is not None and not _NODE_ID.fullmatch(value):
+            raise ValueError("must be 1-32 letters, digits, '_' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerConfig:
+        interval = self.heartbeat_check_interval
+        if interval and self.heartbeat_idle_time <= interval:
+            raise ValueError(
+                f"heartbeat_idle_time ({self.heartbeat_idle_time:g}) must be greater than "
+                f"heartbeat_check_interval ({interval:g}): a client answering every ping "
+                "would otherwise be closed as idle"
+            )
+        if self.buffer_output_size < self.max_message_size:
+            raise ValueError(
+                f"buffer_output_size ({self.buffer_output_size}) must be at least "
+                f"max_message_size ({self.max_message_size}): one echoed message would "
+                "otherwise cut a client off as a slow consumer"
+            )
+        if self.close_timeout >= self.shutdown_timeout:
+            raise ValueError(
+                f"close_timeout ({self.close_timeout:g}) must be less than "
+                f"shutdown_timeout ({self.shutdown_timeout:g}): closing handshakes run "
+                "inside the shutdown window"
+            )
+        return self
+
+
+class RedisConfig(_Section):
+    url: str = EMBEDDED
+    prefix: str = "shoal"
+    heartbeat_ttl: Annotated[float, Field(ge=2.0)] = 10.0
+    server_bin: str = "redis-server"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value != EMBEDDED and not value.startswith(_REDIS_SCHEMES):
+            raise ValueError(
+                "must be 'embedded' or a URL starting with redis://, rediss:// or unix://"
+            )
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        # A ':' in a prefix could make one deployment's keys a subset of another's
+        # ("a" + ":room:x" == "a:room" + ":x"), so prefixes are plain words.
+        if not _PREFIX.fullmatch(value):
+            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-' (no ':')")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        return self.url == EMBEDDED
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    format: Literal["text", "json"] = "text"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class AppConfig(BaseModel):
+    """The application to serve, and its own settings.
+
+    Keys other than `module` belong to the application: they are kept as given and
+    reach it as `App.settings`. The built-in chat app reads `announce_connections`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    module: str = "chat"
+
+    @field_validator("module")
+    @classmethod
+    def _module(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?", value):
+            raise ValueError(
+                "must be 'package.module:attribute', 'package.module' or a built-in name"
+            )
+        return value
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Config(_Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    app: AppConfig = Field(default_factory=AppConfig)

@@ -1,0 +1,80 @@
+"""The `shoal` command: `serve`, `check-config`, `--version`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from shoal.config import loader
+from shoal.config.model import Config
+from shoal.server import app, logs
+from shoal.server.errors import ConfigError, ShoalError
+from shoal.server.master import Master
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shoal",
+        description="A multi-process WebSocket server with Redis-shared state.",
+    )
+    parser.add_argument("--version", action="version", version=f"shoal {version('shoal')}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="start the master and its workers")
+    serve.add_argument("--config", "-c", type=Path, help="YAML config file (default: none)")
+    serve.add_argument("--host", help="server.host")
+    serve.add_argument("--port", type=int, help="server.port")
+    serve.add_argument("--worker-num", type=int, help="server.worker_num")
+    serve.add_argument("--redis-url", help="redis.url ('embedded' or redis://...)")
+    serve.add_argument("--app", help="app.module ('chat', 'echo' or 'package.module:app')")
+    serve.add_argument("--log-level", help="log.level")
+
+    check = commands.add_parser(
+        "check-config", help="validate a config file and print the resolved configuration"
+    )
+    check.add_argument("path", type=Path)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    return {
+        "server": {"host": args.host, "port": args.port, "worker_num": args.worker_num},
+        "redis": {"url": args.redis_url},
+        "app": {"module": args.app},
+        "log": {"level": args.log_level},
+    }
+
+
+def _load(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    config = loader.load(path, overrides)
+    app.check(config.app.module)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            config = _load(args.path)
+            sys.stdout.write(loader.dump(config))
+            return 0
+        config = _load(args.config, _overrides(args))
+    except ConfigError as exc:
+        sys.stderr.write(f"shoal: invalid configuration:\n{exc}\n")
+        return EXIT_CONFIG
+    logs.setup(config.log.level, config.log.format)
+    try:
+        return Master(config).run()
+    except ShoalError as exc:
+        logging.getLogger("shoal").error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The hub of one worker: its local connections and rooms, and cluster-wide delivery.
+
+Every message for more than one client is encoded once where it is sent (JSON), crosses
+Redis once (one PUBLISH to a room's, a worker's or the global channel), and is framed once
+in each receiving worker; the same frame bytes are then written to every local recipient.
+No Redis traffic and no encoding happen per recipient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+import msgpack
+
+from shoal.server import protocol
+from shoal.server.errors import ProtocolError
+from shoal.workers.bus import Bus
+from shoal.workers.connection import Connection
+from shoal.workers.keys import Keys, TopicKind
+from shoal.workers.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+class Hub:
+    """Local state of one worker and the operations applications call.
+
+    Args:
+        keys: key and channel names.
+        registry: shared state in Redis.
+        bus: pub/sub.
+        buffer_limit: `server.buffer_output_size`.
+        close_timeout: `server.close_timeout`.
+    """
+
+    def __init__(
+        self,
+        keys: Keys,
+        registry: Registry,
+        bus: Bus,
+        *,
+        buffer_limit: int,
+        close_timeout: float,
+    ) -> None:
+        self.keys = keys
+        self.registry = registry
+        self.bus = bus
+        self.buffer_limit = buffer_limit
+        self.close_timeout = close_timeout
+        self.worker_id = registry.worker_id
+        self.node_id = registry.node_id
+        self.worker_channel = keys.bus_worker(self.worker_id)
+        self.local: dict[str, Connection] = {}
+        self.topics: dict[bytes, set[Connection]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # Lifecycle of local connections
+
+    async def add(self, conn: Connection) -> int:
+        """Record a new local connection. Returns the number of distinct users connected.
+
+        Raises:
+            ServiceUnavailable: Redis is down; nothing was recorded.
+        """
+        total = await self.registry.add_connection(conn.snapshot())
+        self.local[conn.id] = conn
+        return total
+
+    async def remove(self, conn: Connection) -> None:
+        """Forget a local connection: leave what it is still in, remove its state."""
+        self.local.pop(conn.id, None)
+        for channel in self._bus_channels(conn):
+            members = self.topics.get(channel)
+            if members is not None and conn in members:
+                members.discard(conn)
+                if not members:
+                    del self.topics[channel]
+                self.bus.unsubscribe(channel)
+        conn.rooms.clear()
+        conn.channels.clear()
+        await self.registry.remove_connection(conn.id)
+
+    def _bus_channels(self, conn: Connection) -> list[bytes]:
+        keys = self.keys
+        return [keys.bus_topic(TopicKind.ROOM, name) for name in conn.rooms] + [
+            keys.bus_topic(TopicKind.CHANNEL, name) for name in conn.channels
+        ]
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run a background task, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # Rooms and channels
+
+    async def join(self, conn: Connection, kind: TopicKind, name: str) -> list[str]:
+        """Add `conn` to a room or channel. Returns the members' distinct user ids.
+
+        The bus subscription is confirmed before the membership is written and before
+        this returns, so the caller's reply is the point after which no message for
+        the room can be missed.
+        """
+        names = conn.rooms if kind is TopicKind.ROOM else conn.channels
+        channel = self.keys.bus_topic(kind, name)
+        if name not in names:
+            await self.bus.subscribe(channel)
+            try:
+                members = await self.registry.join(kind, name, conn.id, conn.user_id)
+            except BaseException:
+                self.bus.unsubscribe(channel)
+                raise
+            names.add(name)
+            self.topics.setdefault(channel, set()).add(conn)
+        else:
+            members = await self.registry.join(kind, name, conn.id, conn.user_id)
+        return list(dict.fromkeys(members))
+
+    async def leave(self, conn: Connection, kind: TopicKind, name: str) -> list[str]:
+        """Remove `conn` from a room or channel. Returns the remaining distinct user ids.
+
+        Raises:
+            ProtocolError: "Not in room" / "Not subscribed".
+        """
+        names = conn.rooms if kind is TopicKind.ROOM else conn.channels
+        if name not in names:
+            raise ProtocolError("Not in room" if kind is TopicKind.ROOM else "Not subscribed")
+        names.discard(name)
+        channel = self.keys.bus_topic(kind, name)
+        members = self.topics.get(channel)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self.topics[channel]
+        self.bus.unsubscribe(channel)
+        return list(dict.fromkeys(await self.registry.leave(kind, name, conn.id)))
+
+    # Cluster-wide delivery
+
+    async def publish(
+        self,
+        room: str,
+        message: Mapping[str, Any],
+        *,
+        exclude: Connection | None = None,
+        kind: TopicKind = TopicKind.ROOM,
+    ) -> None:
+        """Send `message` to every member of a room (or channel), on every worker and node."""
+        await self._publish(self.keys.bus_topic(kind, room), protocol.encode(message), exclude)
+
+    async def broadcast(
+        self, message: Mapping[str, Any], *, exclude: Connection | None = None
+    ) -> None:
+        """Send `message` to every connection of the deployment, but `exclude`."""
+        await self._publish(self.keys.bus_all, protocol.encode(message), exclude)
+
+    async def send_to_user(self, user_id: str, message: Mapping[str, Any]) -> int:
+        """Send `message` to every connection of `user_id`. Returns how many it has (0: none).
+
+        One PUBLISH per worker holding such a connection, to that worker's channel.
+        """
+        connections = await self.registry.user_connections(user_id)
+        if not connections:
+            return 0
+        by_worker: dict[str, list[str]] = {}
+        for cid, wid in connections.items():
+            by_worker.setdefault(wid, []).append(cid)
+        payload = protocol.encode(message)
+        for wid, cids in by_worker.items():
+            envelope = msgpack.packb((True, payload, cids))
+            await self.bus.publish(self.keys.bus_worker(wid), envelope)
+        return len(connections)
+
+    async def _publish(self, channel: bytes, payload: bytes, exclude: Connection | None) -> None:
+        envelope = msgpack.packb((True, payload, exclude.id if exclude else None))
+        await self.bus.publish(channel, envelope)
+
+    def on_message(self, channel: bytes, data: bytes) -> None:
+        """Deliver one bus message to the local recipients (called by the bus)."""
+        text, payload, target = msgpack.unpackb(data)
+        wire = protocol.frame(payload, text=text)
+        local = self.local
+        if channel == self.worker_channel:
+            for cid in target:
+                conn = local.get(cid)
+                if conn is not None:
+                    conn.push(wire, payload, text)
+            return
+        if channel == self.keys.bus_all:
+            members: Any = local.values()
+        else:
+            members = self.topics.get(channel)
+            if not members:
+                return
+        excluded = local.get(target) if target is not None else None
+        for conn in members:
+            if conn is not excluded:
+                conn.push(wire, payload, text)
+
+    # Queries
+
+    async def presence(self, room: str | None = None) -> list[dict[str, Any]]:
+        return await self.registry.presence(room)
+
+    async def total_users(self) -> int:
+        return await self.registry.total_users()

@@ -1,0 +1,76 @@
+"""Every Redis key and pub/sub channel shoal uses. Nothing else assembles a key.
+
+All names start with the configured prefix, so deployments with different prefixes on
+one Redis never see each other. The layout (also in docs/architecture.md):
+
+| key | type | holds |
+|---|---|---|
+| `P:conn:<cid>` | hash | `worker`, `node`, `user`, `addr`, `at` (ms), `meta` (JSON), and one field per room (`r:<name>`) and channel (`c:<name>`) the connection is in |
+| `P:room:<name>` | hash | member connection id -> user id |
+| `P:chan:<name>` | hash | subscriber connection id -> user id |
+| `P:user:<uid>` | hash | connection id -> worker id: the index from a user to their connections |
+| `P:users` | hash | user id -> number of open connections (total users = HLEN) |
+| `P:wconns:<wid>` | hash | connection id -> user id, for every connection a worker holds |
+| `P:workers` | hash | worker id -> node id, every worker that may hold state |
+| `P:alive:<wid>` | string, TTL | the worker's heartbeat; when it expires, any node sweeps the worker's state |
+
+| channel | carries |
+|---|---|
+| `P:bus:all` | global broadcasts; every worker subscribes |
+| `P:bus:w:<wid>` | messages for given connections on one worker |
+| `P:bus:room:<name>` / `P:bus:chan:<name>` | room and channel messages; only workers with local members subscribe |
+
+Every key holds at most one hash or string, and no command spans two keys, so the same
+layout works on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+ROOM_FIELD = "r:"
+CHANNEL_FIELD = "c:"
+
+
+class TopicKind(Enum):
+    """A room notifies its members of joins and leaves; a channel is a room without that."""
+
+    ROOM = "room"
+    CHANNEL = "chan"
+
+    @property
+    def field_prefix(self) -> str:
+        return ROOM_FIELD if self is TopicKind.ROOM else CHANNEL_FIELD
+
+
+class Keys:
+    """Key and channel names under one prefix."""
+
+    __slots__ = ("bus_all", "prefix", "users", "workers")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.users = f"{prefix}:users"
+        self.workers = f"{prefix}:workers"
+        self.bus_all = f"{prefix}:bus:all".encode()
+
+    def conn(self, cid: str) -> str:
+        return f"{self.prefix}:conn:{cid}"
+
+    def topic(self, kind: TopicKind, name: str) -> str:
+        return f"{self.prefix}:{kind.value}:{name}"
+
+    def user(self, uid: str) -> str:
+        return f"{self.prefix}:user:{uid}"
+
+    def worker_conns(self, wid: str) -> str:
+        return f"{self.prefix}:wconns:{wid}"
+
+    def alive(self, wid: str) -> str:
+        return f"{self.prefix}:alive:{wid}"
+
+    def bus_worker(self, wid: str) -> bytes:
+        return f"{self.prefix}:bus:w:{wid}".encode()
+
+    def bus_topic(self, kind: TopicKind, name: str) -> bytes:
+        return f"{self.prefix}:bus:{kind.value}:{name}".encode()
