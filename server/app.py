@@ -122,7 +122,7 @@ def check(spec: str) -> None:
     try:
         found = importlib.util.find_spec(module)
     except (ImportError, ValueError) as exc:
-        raise ConfigError(f"app.module: cannot find module {module!r}: {exc}") from exc
+        raise ConfigError(f"app.module: no module named {module!r} ({exc})") from exc
     if found is None:
         raise ConfigError(f"app.module: no module named {module!r}")
 

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import RedisServer, Shoal
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the session; tests keep apart by key prefix."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which it may stop and restart."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer, prefix: str) -> dict[str, Any]:
+    return {
+        "server": {"worker_num": 2},
+        "redis": {"url": redis_server.url, "prefix": prefix, "heartbeat_ttl": 3},
+        "log": {"level": "info"},
+    }
+
+
+@pytest.fixture
+def shoal(tmp_path: Path, settings: dict[str, Any]) -> Iterator[Shoal]:
+    node = Shoal(tmp_path, settings).start()
+    yield node
+    node.stop()

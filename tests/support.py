@@ -1,0 +1,268 @@
+"""Test support: real Redis servers, real `shoal serve` processes, plain websockets clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+import yaml
+from websockets.asyncio.client import ClientConnection, connect
+
+# Every timeout in the tests is a multiple of this, so slow machines can stretch them.
+SCALE = float(os.environ.get("SHOAL_TEST_TIMEOUT_SCALE", "1"))
+SHOAL = [sys.executable, "-m", "shoal.server.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout * SCALE
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout * SCALE:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A private redis-server on a free port, which tests may stop and start again."""
+
+    def __init__(self) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise RuntimeError("redis-server is not installed: run ./dev test, which installs it")
+        self.port = free_port()
+        self.directory = tempfile.mkdtemp(prefix="shoal-test-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True, socket_timeout=5)
+
+    def start(self) -> None:
+        assert self.binary is not None
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.directory],
+            stdout=subprocess.DEVNULL,
+        )
+
+        def pong() -> bool:
+            try:
+                return bool(self.client().ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(pong, 10, "redis-server to start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class Shoal:
+    """One `shoal serve` process (a node), configured from a dict."""
+
+    def __init__(self, directory: Path, settings: dict[str, Any]) -> None:
+        self.port = free_port()
+        settings = {**settings, "server": {"port": self.port, **settings.get("server", {})}}
+        settings["server"].setdefault("host", "127.0.0.1")
+        self.workers = int(settings["server"].setdefault("worker_num", 2))
+        self.settings = settings
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config_path = directory / f"shoal-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(settings))
+        self.log_path = directory / f"shoal-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wait: bool = True) -> Shoal:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [*SHOAL, "serve", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if wait:
+            wait_until(lambda: self.health(expect_ok=True), 15, f"shoal on :{self.port}")
+        return self
+
+    def url(self, user: str | None = None, path: str = "/ws") -> str:
+        query = f"?user_id={user}" if user else ""
+        return f"ws://127.0.0.1:{self.port}{path}{query}"
+
+    def health(self, *, expect_ok: bool = False) -> dict[str, Any] | None:
+        """GET /healthz; None unless it answers (200 and all workers up, with expect_ok)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
+                body: dict[str, Any] = json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            if expect_ok:
+                return None
+            body = json.loads(exc.read())
+            body["http_status"] = exc.code
+            return body
+        except OSError:
+            return None
+        body["http_status"] = 200
+        if expect_ok and body["workers_alive"] != self.workers:
+            return None
+        return body
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True)
+        pids = [int(p) for p in out.stdout.split()]
+        # The embedded Redis is a child too; workers are the children running Python.
+        return [p for p in pids if "redis" not in Path(f"/proc/{p}/comm").read_text()]
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout * SCALE)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15 * SCALE)
+            except subprocess.TimeoutExpired:
+                for pid in self.worker_pids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self.process.kill()
+                self.process.wait()
+
+
+class Client:
+    """A plain `websockets` client speaking JSON: independent of shoal's own code."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.welcome: dict[str, Any] = {}
+
+    @property
+    def user_id(self) -> str:
+        return str(self.welcome["user_id"])
+
+    @property
+    def connection_id(self) -> str:
+        return str(self.welcome["connection_id"])
+
+    @property
+    def worker(self) -> str:
+        return self.connection_id.rsplit(".", 1)[0]
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(message))
+
+    async def recv(self, timeout: float = 5) -> dict[str, Any]:
+        async with asyncio.timeout(timeout * SCALE):
+            raw = await self.ws.recv()
+        result: dict[str, Any] = json.loads(raw)
+        return result
+
+    async def expect(self, kind: str, timeout: float = 5) -> dict[str, Any]:
+        message = await self.recv(timeout)
+        assert message["type"] == kind, message
+        return message
+
+    async def request(self, message: dict[str, Any], reply: str) -> dict[str, Any]:
+        await self.send(message)
+        return await self.expect(reply)
+
+    async def silent(self, seconds: float = 0.3) -> None:
+        """Assert nothing arrives for a while."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds * SCALE):
+                message = await self.ws.recv()
+                raise AssertionError(f"unexpected message: {message!r}")
+
+
+@contextlib.asynccontextmanager
+async def client(url: str, *, welcome: bool = True) -> AsyncIterator[Client]:
+    async with connect(url, open_timeout=10 * SCALE, close_timeout=2) as ws:
+        c = Client(ws)
+        if welcome:
+            c.welcome = await c.expect("welcome")
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def clients_on_workers(
+    shoal: Shoal, users: list[str], workers: int = 2
+) -> AsyncIterator[list[Client]]:
+    """One client per user, arranged so that they do not all land on one worker.
+
+    SO_REUSEPORT spreads connections by a hash of the address pair, so the helper opens
+    spare connections until the users are spread over `workers` workers.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        chosen: list[Client] = []
+        seen: set[str] = set()
+        for attempt in range(200):
+            user = users[len(chosen)]
+            c = await stack.enter_async_context(client(shoal.url(f"{user}")))
+            remaining = len(users) - len(chosen)
+            missing = workers - len(seen)
+            if c.worker in seen and missing >= remaining:
+                await c.ws.close()
+                continue
+            chosen.append(c)
+            seen.add(c.worker)
+            if len(chosen) == len(users):
+                break
+        else:  # pragma: no cover - SO_REUSEPORT would have to be broken
+            raise AssertionError(f"clients never spread over {workers} workers ({attempt})")
+        yield chosen
+
+
+def redis_keys(server: RedisServer, prefix: str) -> set[str]:
+    return set(server.client().keys(f"{prefix}:*"))
+
+
+@contextlib.contextmanager
+def shoal_node(directory: Path, settings: dict[str, Any]) -> Iterator[Shoal]:
+    node = Shoal(directory, settings).start()
+    try:
+        yield node
+    finally:
+        node.stop()
