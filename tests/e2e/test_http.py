@@ -1,0 +1,110 @@
+"""Plain HTTP on the WebSocket port, and health while Redis comes and goes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from support import RedisServer, Shoal, client, clients_on_workers, wait_until
+
+
+def raw_http(port: int, request: bytes) -> tuple[int, bytes]:
+    """Send raw bytes, return the status code and the whole response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data
+
+
+def test_healthz(shoal: Shoal) -> None:
+    status, data = raw_http(shoal.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.count(b"Content-Type") == 1 and b"Content-Type: application/json" in head
+    health = json.loads(body)
+    assert health["workers_alive"] == 2 and health["worker_num"] == 2
+    assert health["redis"] is True and health["connections"] == 0
+    assert health["node"] and health["status"] == "ok"
+
+
+def test_plain_http_and_bad_upgrades(shoal: Shoal) -> None:
+    port = shoal.port
+    upgrade = (b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+    assert raw_http(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 404
+    assert raw_http(port, b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 404
+    assert raw_http(port, b"GET /other HTTP/1.1\r\nHost: x\r\n" + upgrade + b"\r\n")[0] == 404
+    # The WebSocket path without an upgrade: 426 Upgrade Required, as RFC 6455 asks.
+    assert raw_http(port, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 426
+    missing_key = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    status, data = raw_http(port, missing_key)
+    assert status == 400 and b"Traceback" not in data
+    bad_version = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 7\r\n\r\n")
+    assert raw_http(port, bad_version)[0] == 400
+    # Garbage gets no traceback, and the server is unharmed.
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+        assert b"Traceback" not in sock.recv(65536)
+    assert shoal.health(expect_ok=True)
+    assert "Traceback" not in shoal.log()
+
+
+async def test_max_connection_gives_503(tmp_path: Path, settings: dict[str, Any]) -> None:
+    settings["server"]["max_connection"] = 2
+    node = Shoal(tmp_path, settings).start()
+    try:
+        async with client(node.url("a")), client(node.url("b")):
+            upgrade = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                       b"Sec-WebSocket-Version: 13\r\n\r\n")
+            status, data = raw_http(node.port, upgrade)
+            assert status == 503 and b"max_connection" in data
+        await asyncio.sleep(0.3)
+        async with client(node.url("c")):  # room again once they left
+            pass
+    finally:
+        node.stop()
+
+
+async def test_redis_outage_is_reported_and_survived(
+    tmp_path: Path, settings: dict[str, Any], own_redis: RedisServer, prefix: str
+) -> None:
+    settings["redis"]["url"] = own_redis.url
+    node = Shoal(tmp_path, settings).start()
+    try:
+        async with clients_on_workers(node, ["ann", "bo"]) as (ann, bo):
+            await ann.request({"type": "join_room", "room": "r"}, "joined_room")
+            await bo.request({"type": "join_room", "room": "r"}, "joined_room")
+            await ann.expect("user_joined_room")
+
+            own_redis.stop()
+            wait_until(lambda: (node.health() or {}).get("http_status") == 503, 10,
+                       "/healthz to report the outage")
+            assert node.health()["redis"] is False  # type: ignore[index]
+            # Clients stay connected and get a clear error for what needs Redis.
+            error = await ann.request({"type": "room_message", "room": "r", "message": "x"}, "error")
+            assert error == {"type": "error", "message": "Service unavailable"}
+            echoed = await ann.request({"type": "ping", "n": 1}, "echo")
+            assert echoed["data"] == {"type": "ping", "n": 1}
+
+            # Redis comes back empty: the workers reconnect and write their state back.
+            own_redis.start()
+            wait_until(lambda: node.health(expect_ok=True), 15, "/healthz to recover")
+            redis = own_redis.client()
+            wait_until(lambda: sorted(redis.hvals(f"{prefix}:room:r")) == ["ann", "bo"], 10,
+                       "room state to be written back")
+            await ann.send({"type": "room_message", "room": "r", "message": "back"})
+            for c in (ann, bo):
+                assert (await c.expect("room_message"))["message"] == "back"
+            presence = await bo.request({"type": "presence"}, "presence")
+            assert [u["user_id"] for u in presence["users"]] == ["ann", "bo"]
+        log = node.log()
+        assert "redis unreachable" in log and "reconnected" in log and "Traceback" not in log
+    finally:
+        node.stop()

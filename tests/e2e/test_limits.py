@@ -1,0 +1,149 @@
+"""Limits that protect the server: slow consumers, oversized frames, idle clients."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from support import SCALE, Shoal, client
+
+
+def raw_websocket(port: int, path: str = "/ws", rcvbuf: int | None = None) -> socket.socket:
+    """A hand-made WebSocket client: handshake done, then it does only what the test says."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16))
+    sock.sendall(
+        b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def read_close_code(sock: socket.socket, timeout: float) -> int:
+    """Read frames until the close frame; return its code."""
+    sock.settimeout(timeout * SCALE)
+    buffer = b""
+    while True:
+        while len(buffer) < 2:
+            buffer += sock.recv(1 << 20)
+        opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F
+        offset = 2
+        if length == 126:
+            while len(buffer) < 4:
+                buffer += sock.recv(1 << 20)
+            length, offset = struct.unpack("!H", buffer[2:4])[0], 4
+        elif length == 127:
+            while len(buffer) < 10:
+                buffer += sock.recv(1 << 20)
+            length, offset = struct.unpack("!Q", buffer[2:10])[0], 10
+        while len(buffer) < offset + length:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                raise AssertionError("connection closed without a close frame")
+            buffer += chunk
+        if opcode == 0x8:
+            return int(struct.unpack("!H", buffer[offset : offset + 2])[0])
+        buffer = buffer[offset + length :]
+
+
+async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    settings["server"].update(worker_num=1, buffer_output_size=256 * 1024,
+                              max_message_size=64 * 1024)
+    node = Shoal(tmp_path, settings).start()
+    try:
+        # A client that joins a room, then never reads again, behind a small socket buffer.
+        slow = raw_websocket(node.port, "/ws?user_id=slow", rcvbuf=4096)
+        mask = os.urandom(4)
+        join = b'{"type":"join_room","room":"firehose"}'
+        slow.sendall(bytes([0x81, 0x80 | len(join)]) + mask
+                     + bytes(b ^ mask[i % 4] for i, b in enumerate(join)))
+        async with client(node.url("fast")) as fast, client(node.url("pub")) as pub:
+            await fast.request({"type": "join_room", "room": "firehose"}, "joined_room")
+            await pub.request({"type": "join_room", "room": "firehose"}, "joined_room")
+            await fast.expect("user_joined_room")
+            payload = "x" * 60_000
+            # ~12 MB in all: past what the kernel buffers on loopback (tcp_wmem max is
+            # often 4 MB), then past the slow client's 256 KiB of user-space buffer.
+            left: list[str] = []
+
+            async def next_message(c: Any) -> Any:
+                while (message := await c.recv())["type"] == "user_left_room":
+                    left.append(message["user_id"])
+                return message
+
+            for n in range(200):
+                await pub.send({"type": "room_message", "room": "firehose", "message": [n, payload]})
+                for member in (fast, pub):
+                    message = await next_message(member)
+                    assert message["type"] == "room_message" and message["message"][0] == n
+            # The slow client reads its backlog and finds it was closed as a slow consumer.
+            assert await asyncio.to_thread(read_close_code, slow, 10) == 4000
+            slow.close()
+            # Others were not held back, and the server forgot the slow client.
+            if "slow" not in left:
+                assert (await fast.expect("user_left_room"))["user_id"] == "slow"
+            presence = await fast.request({"type": "presence", "room": "firehose"}, "presence")
+            assert [u["user_id"] for u in presence["users"]] == ["fast", "pub"]
+        assert "slow consumer" in node.log()
+    finally:
+        slow.close()
+        node.stop()
+
+
+async def test_frame_over_max_message_size_closes_with_1009(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    settings["server"].update(max_message_size=1024)
+    node = Shoal(tmp_path, settings).start()
+    try:
+        async with client(node.url("big")) as big, client(node.url("other")) as other:
+            await big.ws.send("x" * 1000)  # under the limit: an ordinary error reply
+            assert (await big.expect("error"))["message"] == "Invalid message format"
+            await big.ws.send("x" * 2000)
+            with pytest.raises(ConnectionClosed):
+                await big.recv()
+            assert big.ws.close_code == 1009
+            assert (await other.request({"type": "x"}, "echo"))["data"] == {"type": "x"}
+    finally:
+        node.stop()
+
+
+async def test_idle_client_is_closed_and_pinged_client_is_not(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    settings["server"].update(heartbeat_check_interval=0.5, heartbeat_idle_time=1.5)
+    node = Shoal(tmp_path, settings).start()
+    try:
+        # websockets answers pings by itself, so this client stays although it sends nothing.
+        async with client(node.url("alive")) as alive:
+            silent = raw_websocket(node.port)  # never answers pings
+            assert await asyncio.to_thread(read_close_code, silent, 6) == 4001
+            silent.close()
+            assert (await alive.request({"type": "still"}, "echo"))["data"] == {"type": "still"}
+    finally:
+        node.stop()
+
+
+async def test_invalid_user_id_is_refused_with_1008(shoal: Shoal) -> None:
+    async with client(shoal.url("bad%21user"), welcome=False) as bad:
+        with pytest.raises(ConnectionClosed):
+            await bad.recv()
+        assert bad.ws.close_code == 1008
+        assert bad.ws.close_reason == "Invalid user_id"
