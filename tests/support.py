@@ -66,8 +66,19 @@ class RedisServer:
     def start(self) -> None:
         assert self.binary is not None
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.directory],
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.directory,
+            ],
             stdout=subprocess.DEVNULL,
         )
 
@@ -238,7 +249,7 @@ async def clients_on_workers(
     async with contextlib.AsyncExitStack() as stack:
         chosen: list[Client] = []
         seen: set[str] = set()
-        for attempt in range(200):
+        for _ in range(200):
             user = users[len(chosen)]
             c = await stack.enter_async_context(client(shoal.url(f"{user}")))
             remaining = len(users) - len(chosen)
@@ -251,7 +262,7 @@ async def clients_on_workers(
             if len(chosen) == len(users):
                 break
         else:  # pragma: no cover - SO_REUSEPORT would have to be broken
-            raise AssertionError(f"clients never spread over {workers} workers ({attempt})")
+            raise AssertionError(f"clients never spread over {workers} workers")
         yield chosen
 
 

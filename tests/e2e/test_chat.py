@@ -10,7 +10,11 @@ from support import Shoal, client, clients_on_workers
 
 async def test_welcome_and_clients_on_both_workers(shoal: Shoal) -> None:
     async with clients_on_workers(shoal, ["ann", "bo"]) as (ann, bo):
-        assert ann.welcome == {"type": "welcome", "user_id": "ann", "connection_id": ann.connection_id}
+        assert ann.welcome == {
+            "type": "welcome",
+            "user_id": "ann",
+            "connection_id": ann.connection_id,
+        }
         assert ann.worker != bo.worker
         assert shoal.health()["connections"] == 2  # type: ignore[index]
 
@@ -27,7 +31,10 @@ async def test_room_across_workers(shoal: Shoal) -> None:
         joined = await bo.request({"type": "join_room", "room": "lobby"}, "joined_room")
         assert sorted(joined["members"]) == ["ann", "bo"]
         assert await ann.expect("user_joined_room") == {
-            "type": "user_joined_room", "user_id": "bo", "room": "lobby", "total_members": 2,
+            "type": "user_joined_room",
+            "user_id": "bo",
+            "room": "lobby",
+            "total_members": 2,
         }
 
         await bo.send({"type": "room_message", "room": "lobby", "message": {"text": "hi"}})
@@ -43,7 +50,10 @@ async def test_room_across_workers(shoal: Shoal) -> None:
         left = await bo.request({"type": "leave_room", "room": "lobby"}, "left_room")
         assert left == {"type": "left_room", "room": "lobby"}
         assert await ann.expect("user_left_room") == {
-            "type": "user_left_room", "user_id": "bo", "room": "lobby", "total_members": 1,
+            "type": "user_left_room",
+            "user_id": "bo",
+            "room": "lobby",
+            "total_members": 1,
         }
         await bo.send({"type": "room_message", "room": "lobby", "message": "gone"})
         assert (await bo.expect("error"))["message"] == "Not in room"
@@ -52,7 +62,8 @@ async def test_room_across_workers(shoal: Shoal) -> None:
 async def test_room_errors(shoal: Shoal) -> None:
     async with client(shoal.url("ann")) as ann:
         assert await ann.request({"type": "join_room"}, "error") == {
-            "type": "error", "message": "Missing room",
+            "type": "error",
+            "message": "Missing room",
         }
         assert (await ann.request({"type": "join_room", "room": 7}, "error"))["message"] == (
             "Invalid room"
@@ -86,8 +97,12 @@ async def test_private_reaches_every_connection_of_the_user(shoal: Shoal) -> Non
         assert sent["to"] == "bo"
         for conn in (bo1, bo2):
             got = await conn.expect("private_message")
-            assert got == {"type": "private_message", "from": "ann", "message": "psst",
-                           "timestamp": sent["timestamp"]}
+            assert got == {
+                "type": "private_message",
+                "from": "ann",
+                "message": "psst",
+                "timestamp": sent["timestamp"],
+            }
         error = await ann.request({"type": "private", "to": "nobody", "message": "x"}, "error")
         assert error == {"type": "error", "message": "User not found"}
 
@@ -95,7 +110,8 @@ async def test_private_reaches_every_connection_of_the_user(shoal: Shoal) -> Non
 async def test_channels(shoal: Shoal) -> None:
     async with clients_on_workers(shoal, ["ann", "bo", "cy"]) as (ann, bo, cy):
         assert await ann.request({"type": "subscribe", "channel": "news"}, "subscribed") == {
-            "type": "subscribed", "channel": "news",
+            "type": "subscribed",
+            "channel": "news",
         }
         await bo.request({"type": "subscribe", "channel": "news"}, "subscribed")
         await ann.silent()  # channels announce no joins
@@ -154,14 +170,19 @@ async def test_bad_input_gets_an_error_and_the_connection_stays(shoal: Shoal) ->
         assert (await bo.expect("room_message"))["message"] == "still here"
 
 
-async def test_close_leaves_rooms_and_notifies(shoal: Shoal, redis_server: Any, prefix: str) -> None:
+async def test_close_leaves_rooms_and_notifies(
+    shoal: Shoal, redis_server: Any, prefix: str
+) -> None:
     async with clients_on_workers(shoal, ["ann", "bo"]) as (ann, bo):
         await ann.request({"type": "join_room", "room": "r"}, "joined_room")
         await bo.request({"type": "join_room", "room": "r"}, "joined_room")
         await ann.expect("user_joined_room")
         await bo.ws.close()
         assert await ann.expect("user_left_room") == {
-            "type": "user_left_room", "user_id": "bo", "room": "r", "total_members": 1,
+            "type": "user_left_room",
+            "user_id": "bo",
+            "room": "r",
+            "total_members": 1,
         }
         redis = redis_server.client()
         await asyncio.sleep(0.2)
@@ -177,10 +198,14 @@ async def test_announce_connections(tmp_path: Any, settings: dict[str, Any]) -> 
         async with client(node.url("ann")) as ann:
             async with client(node.url("bo")):
                 assert await ann.expect("user_connected") == {
-                    "type": "user_connected", "user_id": "bo", "total_users": 2,
+                    "type": "user_connected",
+                    "user_id": "bo",
+                    "total_users": 2,
                 }
             assert await ann.expect("user_disconnected") == {
-                "type": "user_disconnected", "user_id": "bo", "total_users": 1,
+                "type": "user_disconnected",
+                "user_id": "bo",
+                "total_users": 1,
             }
     finally:
         node.stop()

@@ -34,18 +34,24 @@ def test_healthz(shoal: Shoal) -> None:
 
 def test_plain_http_and_bad_upgrades(shoal: Shoal) -> None:
     port = shoal.port
-    upgrade = (b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+    upgrade = (
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    )
     assert raw_http(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 404
     assert raw_http(port, b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 404
     assert raw_http(port, b"GET /other HTTP/1.1\r\nHost: x\r\n" + upgrade + b"\r\n")[0] == 404
     # The WebSocket path without an upgrade: 426 Upgrade Required, as RFC 6455 asks.
     assert raw_http(port, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 426
-    missing_key = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    missing_key = (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
     status, data = raw_http(port, missing_key)
     assert status == 400 and b"Traceback" not in data
-    bad_version = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 7\r\n\r\n")
+    bad_version = (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 7\r\n\r\n"
+    )
     assert raw_http(port, bad_version)[0] == 400
     # Garbage gets no traceback, and the server is unharmed.
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -60,9 +66,11 @@ async def test_max_connection_gives_503(tmp_path: Path, settings: dict[str, Any]
     node = Shoal(tmp_path, settings).start()
     try:
         async with client(node.url("a")), client(node.url("b")):
-            upgrade = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                       b"Sec-WebSocket-Version: 13\r\n\r\n")
+            upgrade = (
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
             status, data = raw_http(node.port, upgrade)
             assert status == 503 and b"max_connection" in data
         await asyncio.sleep(0.3)
@@ -84,11 +92,16 @@ async def test_redis_outage_is_reported_and_survived(
             await ann.expect("user_joined_room")
 
             own_redis.stop()
-            wait_until(lambda: (node.health() or {}).get("http_status") == 503, 10,
-                       "/healthz to report the outage")
+            wait_until(
+                lambda: (node.health() or {}).get("http_status") == 503,
+                10,
+                "/healthz to report the outage",
+            )
             assert node.health()["redis"] is False  # type: ignore[index]
             # Clients stay connected and get a clear error for what needs Redis.
-            error = await ann.request({"type": "room_message", "room": "r", "message": "x"}, "error")
+            error = await ann.request(
+                {"type": "room_message", "room": "r", "message": "x"}, "error"
+            )
             assert error == {"type": "error", "message": "Service unavailable"}
             echoed = await ann.request({"type": "ping", "n": 1}, "echo")
             assert echoed["data"] == {"type": "ping", "n": 1}
@@ -97,8 +110,11 @@ async def test_redis_outage_is_reported_and_survived(
             own_redis.start()
             wait_until(lambda: node.health(expect_ok=True), 15, "/healthz to recover")
             redis = own_redis.client()
-            wait_until(lambda: sorted(redis.hvals(f"{prefix}:room:r")) == ["ann", "bo"], 10,
-                       "room state to be written back")
+            wait_until(
+                lambda: sorted(redis.hvals(f"{prefix}:room:r")) == ["ann", "bo"],
+                10,
+                "room state to be written back",
+            )
             await ann.send({"type": "room_message", "room": "r", "message": "back"})
             for c in (ann, bo):
                 assert (await c.expect("room_message"))["message"] == "back"

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosed
-
 from support import SCALE, Shoal, client
+from websockets.exceptions import ConnectionClosed
 
 
 def raw_websocket(port: int, path: str = "/ws", rcvbuf: int | None = None) -> socket.socket:
@@ -25,7 +24,9 @@ def raw_websocket(port: int, path: str = "/ws", rcvbuf: int | None = None) -> so
     key = base64.b64encode(os.urandom(16))
     sock.sendall(
         b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: "
+        + key
+        + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     head = b""
     while b"\r\n\r\n" not in head:
@@ -64,16 +65,20 @@ def read_close_code(sock: socket.socket, timeout: float) -> int:
 async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
     tmp_path: Path, settings: dict[str, Any]
 ) -> None:
-    settings["server"].update(worker_num=1, buffer_output_size=256 * 1024,
-                              max_message_size=64 * 1024)
+    settings["server"].update(
+        worker_num=1, buffer_output_size=256 * 1024, max_message_size=64 * 1024
+    )
     node = Shoal(tmp_path, settings).start()
     try:
         # A client that joins a room, then never reads again, behind a small socket buffer.
         slow = raw_websocket(node.port, "/ws?user_id=slow", rcvbuf=4096)
         mask = os.urandom(4)
         join = b'{"type":"join_room","room":"firehose"}'
-        slow.sendall(bytes([0x81, 0x80 | len(join)]) + mask
-                     + bytes(b ^ mask[i % 4] for i, b in enumerate(join)))
+        slow.sendall(
+            bytes([0x81, 0x80 | len(join)])
+            + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(join))
+        )
         async with client(node.url("fast")) as fast, client(node.url("pub")) as pub:
             await fast.request({"type": "join_room", "room": "firehose"}, "joined_room")
             await pub.request({"type": "join_room", "room": "firehose"}, "joined_room")
@@ -89,7 +94,9 @@ async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
                 return message
 
             for n in range(200):
-                await pub.send({"type": "room_message", "room": "firehose", "message": [n, payload]})
+                await pub.send(
+                    {"type": "room_message", "room": "firehose", "message": [n, payload]}
+                )
                 for member in (fast, pub):
                     message = await next_message(member)
                     assert message["type"] == "room_message" and message["message"][0] == n

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosed
-
 from support import SCALE, SHOAL, RedisServer, Shoal, client, clients_on_workers, wait_until
+from websockets.exceptions import ConnectionClosed
 
 
 def test_version() -> None:
@@ -41,7 +40,9 @@ async def test_sigterm_closes_clients_with_1001_and_removes_state(
     assert "stopped" in shoal.log()
 
 
-async def test_sigint_stops_like_sigterm(shoal: Shoal, redis_server: RedisServer, prefix: str) -> None:
+async def test_sigint_stops_like_sigterm(
+    shoal: Shoal, redis_server: RedisServer, prefix: str
+) -> None:
     async with client(shoal.url("ann")) as ann:
         shoal.signal(signal.SIGINT)
         with pytest.raises(ConnectionClosed):
@@ -67,8 +68,11 @@ async def test_kill_9_of_a_worker_respawns_it_and_leaves_no_ghosts(
         # bo's connection dies with its worker; the master respawns one within a second.
         with pytest.raises(ConnectionClosed):
             await bo.recv(timeout=5)
-        wait_until(lambda: len(shoal.worker_pids()) == 2 and victim not in shoal.worker_pids(),
-                   1.5, "the worker to be respawned")
+        wait_until(
+            lambda: len(shoal.worker_pids()) == 2 and victim not in shoal.worker_pids(),
+            1.5,
+            "the worker to be respawned",
+        )
         assert time.monotonic() - killed_at < 1.5 * SCALE
 
         def no_ghosts() -> bool:
@@ -108,8 +112,11 @@ async def test_kill_9_of_a_whole_node_is_swept_by_another(
                     os.kill(pid, signal.SIGKILL)
                 doomed.wait(5)
             # heartbeat_ttl is 3 s in these tests; sweeps run every ttl/2.
-            wait_until(lambda: redis.hvals(f"{prefix}:room:r") == ["ann"], 3 * 3,
-                       "the dead node's connections to be swept")
+            wait_until(
+                lambda: redis.hvals(f"{prefix}:room:r") == ["ann"],
+                3 * 3,
+                "the dead node's connections to be swept",
+            )
             assert redis.hkeys(f"{prefix}:users") == ["ann"]
             assert len(redis.hkeys(f"{prefix}:workers")) == 2  # the survivor's two
             assert "swept state of dead workers" in survivor.log()
@@ -135,7 +142,10 @@ def test_check_config_prints_the_resolved_config(tmp_path: Path) -> None:
     config = tmp_path / "ok.yaml"
     config.write_text("server:\n  port: 9999\napp:\n  announce_connections: true\n")
     out = subprocess.run(
-        [*SHOAL, "check-config", str(config)], capture_output=True, text=True, check=True,
+        [*SHOAL, "check-config", str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "SHOAL_SERVER__WORKER_NUM": "3"},
     )
     assert "port: 9999" in out.stdout and "worker_num: 3" in out.stdout
@@ -159,8 +169,9 @@ def test_bad_app_stops_instead_of_respawning(tmp_path: Path, settings: dict[str,
 
 
 def test_missing_app_module_is_a_config_error(tmp_path: Path) -> None:
-    out = subprocess.run([*SHOAL, "serve", "--app", "no.such.module:app"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [*SHOAL, "serve", "--app", "no.such.module:app"], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 2
     assert "app.module: no module named 'no.such.module'" in out.stderr
 
@@ -184,9 +195,12 @@ def test_unreachable_redis_is_a_clear_error(tmp_path: Path, settings: dict[str, 
 
 
 def test_one_listener_per_worker(shoal: Shoal) -> None:
-    out = subprocess.run(["ss", "-Hltnp", f"sport = :{shoal.port}"], capture_output=True,
-                         text=True, check=True)
-    pids = {int(part.split("pid=")[1].split(",")[0]) for part in out.stdout.split() if "pid=" in part}
+    out = subprocess.run(
+        ["ss", "-Hltnp", f"sport = :{shoal.port}"], capture_output=True, text=True, check=True
+    )
+    pids = {
+        int(part.split("pid=")[1].split(",")[0]) for part in out.stdout.split() if "pid=" in part
+    }
     assert pids == set(shoal.worker_pids())
     assert len(out.stdout.strip().splitlines()) == 2
 
@@ -199,10 +213,13 @@ async def test_embedded_redis_by_default(tmp_path: Path) -> None:
         async with clients_on_workers(node, ["ann", "bo"]) as (ann, bo):
             await ann.send({"type": "private", "to": "bo", "message": "hi"})
             assert (await bo.expect("private_message"))["message"] == "hi"
-        redis_pid = [p for p in
-                     subprocess.run(["pgrep", "-P", str(node.pid)], capture_output=True,
-                                    text=True).stdout.split()
-                     if "redis" in Path(f"/proc/{p}/comm").read_text()]
+        redis_pid = [
+            p
+            for p in subprocess.run(
+                ["pgrep", "-P", str(node.pid)], capture_output=True, text=True
+            ).stdout.split()
+            if "redis" in Path(f"/proc/{p}/comm").read_text()
+        ]
         assert len(redis_pid) == 1
     finally:
         node.stop()

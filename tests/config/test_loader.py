@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shoal.config.loader import dump, load
+from shoal.server.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "shoal.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_work_out_of_the_box() -> None:
+    config = load(environ={})
+    assert config.server.port == 9501 and config.server.path == "/ws"
+    assert config.server.worker_num >= 1
+    assert config.redis.embedded and config.redis.prefix == "shoal"
+    assert config.app.module == "chat" and config.app.settings == {}
+
+
+def test_precedence_file_then_env_then_cli(tmp_path: Path) -> None:
+    path = write(tmp_path, "server:\n  port: 1000\n  worker_num: 3\n  host: 0.0.0.0\n")
+    env = {"SHOAL_SERVER__PORT": "2000", "SHOAL_SERVER__WORKER_NUM": "5", "HOME": "/x"}
+    config = load(path, {"server": {"port": 3000, "worker_num": None}}, environ=env)
+    assert config.server.port == 3000  # CLI wins
+    assert config.server.worker_num == 5  # env beats file; a None flag is no override
+    assert config.server.host == "0.0.0.0"  # file beats default
+
+
+def test_app_settings_are_kept_for_the_application(tmp_path: Path) -> None:
+    path = write(tmp_path, "app:\n  module: mypkg.chat:app\n  announce_connections: true\n")
+    config = load(path, environ={"SHOAL_APP__ROOM_LIMIT": "50"})
+    assert config.app.module == "mypkg.chat:app"
+    assert config.app.settings == {"announce_connections": True, "room_limit": 50}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("server:\n  port: high\n", "server.port: Input should be a valid integer"),
+        ("server:\n  port: 70000\n", "server.port: Input should be less than or equal to 65535"),
+        ("server:\n  wokrer_num: 2\n", "server.wokrer_num: unknown key"),
+        ("servr:\n  port: 1\n", "servr: unknown key"),
+        ("server:\n  path: ws\n", "server.path: must start with '/'"),
+        ("redis:\n  url: http://x\n", "redis.url: must be 'embedded' or a URL"),
+        ("redis:\n  prefix: 'a:b'\n", "redis.prefix: must be 1-64 letters"),
+        ("log:\n  format: xml\n", "log.format: Input should be 'text' or 'json'"),
+        (
+            "server:\n  heartbeat_check_interval: 30\n  heartbeat_idle_time: 20\n",
+            "heartbeat_idle_time (20) must be greater than heartbeat_check_interval (30)",
+        ),
+        (
+            "server:\n  buffer_output_size: 1000\n",
+            "buffer_output_size (1000) must be at least max_message_size",
+        ),
+        ("server:\n  close_timeout: 20\n", "close_timeout (20) must be less than shutdown_timeout"),
+        ("- a list\n", "the top level must be a mapping"),
+        ("server: [\n", "invalid YAML"),
+    ],
+)
+def test_errors_name_the_key_and_the_problem(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load(write(tmp_path, text), environ={})
+    assert expected in str(error.value)
+
+
+def test_env_errors_name_the_variable() -> None:
+    with pytest.raises(
+        ConfigError, match=r"server.worker_num: .* \(from SHOAL_SERVER__WORKER_NUM\)"
+    ):
+        load(environ={"SHOAL_SERVER__WORKER_NUM": "-1"})
+    with pytest.raises(ConfigError, match="SHOAL_PORT: expected SHOAL_<SECTION>__<KEY>"):
+        load(environ={"SHOAL_PORT": "1"})
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(tmp_path / "nope.yaml", environ={})
+
+
+def test_shipped_example_is_valid_and_complete() -> None:
+    example = Path(__file__).parents[2] / "config" / "shoal.yaml"
+    config = load(example, environ={})
+    # Every key of the model appears in the example, so the example documents them all.
+    text = example.read_text()
+    for section, values in config.model_dump().items():
+        for key in values:
+            assert f"{key}:" in text, f"config/shoal.yaml lacks {section}.{key}"
+
+
+def test_dump_round_trips(tmp_path: Path) -> None:
+    config = load(environ={"SHOAL_SERVER__PORT": "1234"})
+    assert load(write(tmp_path, dump(config)), environ={}) == config

@@ -1,0 +1,93 @@
+"""Shared state in Redis hashes: claims, sweeps and write-backs, against a real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from support import RedisServer
+
+from shoal.workers.keys import Keys, TopicKind
+from shoal.workers.registry import Registry, Snapshot, connect
+
+
+@pytest.fixture
+async def registries(
+    redis_server: RedisServer, prefix: str
+) -> AsyncIterator[tuple[Registry, Registry]]:
+    client = connect(redis_server.url)
+    keys = Keys(prefix)
+    yield Registry(client, keys, "n1", "n1.0.1"), Registry(client, keys, "n2", "n2.0.2")
+    await client.aclose()
+
+
+def snapshot(cid: str, user: str, rooms: tuple[str, ...] = ()) -> Snapshot:
+    return Snapshot(cid=cid, user=user, addr="127.0.0.1:1", at=1, meta={"k": 1}, rooms=rooms)
+
+
+async def test_connections_users_and_rooms(registries: tuple[Registry, Registry]) -> None:
+    one, two = registries
+    assert await one.add_connection(snapshot("c1", "ann")) == 1
+    assert await two.add_connection(snapshot("c2", "ann")) == 1  # same user, still one user
+    assert await two.add_connection(snapshot("c3", "bo")) == 2
+    assert await one.user_connections("ann") == {"c1": "n1.0.1", "c2": "n2.0.2"}
+    assert await one.join(TopicKind.ROOM, "r", "c1", "ann") == ["ann"]
+    assert sorted(await two.join(TopicKind.ROOM, "r", "c3", "bo")) == ["ann", "bo"]
+    presence = await one.presence("r")
+    assert presence == [
+        {"user_id": "ann", "rooms": ["r"], "metadata": {"k": 1}},
+        {"user_id": "bo", "rooms": ["r"], "metadata": {"k": 1}},
+    ]
+    assert await two.leave(TopicKind.ROOM, "r", "c3") == ["ann"]
+
+    assert await one.remove_connection("c1") is True
+    assert await one.remove_connection("c1") is False  # the claim: removed once only
+    assert await one.total_users() == 2  # ann still has c2
+    assert await one.presence("r") == []
+    assert await two.remove_connection("c2") is True
+    assert await one.total_users() == 1
+
+
+async def test_sweep_removes_only_workers_whose_heartbeat_expired(
+    registries: tuple[Registry, Registry], redis_server: RedisServer, prefix: str
+) -> None:
+    live, dead = registries
+    assert await live.heartbeat(10) is False  # first beat: nothing was there
+    assert await live.heartbeat(10) is True
+    await dead.heartbeat(10)
+    await live.add_connection(snapshot("c1", "ann", rooms=("r",)))
+    await live.join(TopicKind.ROOM, "r", "c1", "ann")
+    await dead.add_connection(snapshot("c2", "bo", rooms=("r",)))
+    await dead.join(TopicKind.ROOM, "r", "c2", "bo")
+    redis = redis_server.client()
+    redis.delete(f"{prefix}:alive:n2.0.2")  # as if its TTL ran out
+
+    assert await live.sweep() == ["n2.0.2"]
+    assert await live.sweep() == []
+    assert redis.hgetall(f"{prefix}:room:r") == {"c1": "ann"}
+    assert redis.hkeys(f"{prefix}:users") == ["ann"]
+    assert redis.hkeys(f"{prefix}:workers") == ["n1.0.1"]
+    assert not redis.exists(f"{prefix}:user:bo", f"{prefix}:wconns:n2.0.2", f"{prefix}:conn:c2")
+
+
+async def test_resync_writes_back_what_redis_lost(
+    registries: tuple[Registry, Registry], redis_server: RedisServer, prefix: str
+) -> None:
+    one, _ = registries
+    await one.heartbeat(10)
+    state = [snapshot("c1", "ann", rooms=("r",)), snapshot("c2", "ann")]
+    for s in state:
+        await one.add_connection(s)
+    await one.join(TopicKind.ROOM, "r", "c1", "ann")
+    redis = redis_server.client()
+    for key in redis.keys(f"{prefix}:*"):
+        redis.delete(key)  # Redis restarted empty
+    assert await one.heartbeat(10) is False
+    await one.resync(state)
+    assert await one.heartbeat(10) is True
+    assert await one.presence() == [{"user_id": "ann", "rooms": ["r"], "metadata": {"k": 1}}]
+    assert redis.hgetall(f"{prefix}:users") == {"ann": "2"}
+    # Written back twice (a sweep raced it): counts stay right.
+    await one.resync(state)
+    assert redis.hgetall(f"{prefix}:users") == {"ann": "2"}
+    assert redis.hgetall(f"{prefix}:{TopicKind.ROOM.value}:r") == {"c1": "ann"}
