@@ -91,6 +91,7 @@ def _integrity(outcome: RunOutcome) -> dict[str, Any]:
     traffic = outcome.traffic
     assert traffic is not None
     out: dict[str, Any] = {
+        "sent": sum(outcome.sent_by_source.values()),
         "expected": 0,
         "received": 0,
         "lost": 0,
