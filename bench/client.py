@@ -1,0 +1,174 @@
+"""One benchmark WebSocket connection on picows, and opening it with failure causes.
+
+Frames are handed whole to a :class:`MessageSink` as raw bytes, so scenario code
+decides whether (and how) to parse. Opening classifies every failure into a
+short cause string (``refused``, ``http_503``, ``timeout``, ``reset`` ...) that
+the final table counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from typing import Protocol
+
+import orjson
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSHandshakeError,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    ws_connect,
+)
+
+logger = logging.getLogger(__name__)
+
+_DATA_TYPES = (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION)
+
+
+class ClosedEarlyError(ConnectionError):
+    """The server closed the connection before an awaited setup reply."""
+
+
+class MessageSink(Protocol):
+    """Receives complete messages and unexpected disconnects of clients."""
+
+    def on_message(self, client: Client, payload: bytes) -> None:
+        """Handle one complete message (text or binary) received by ``client``."""
+
+    def on_disconnect(self, client: Client) -> None:
+        """Handle ``client`` being closed by the peer or the network."""
+
+
+class Client(WSListener):
+    """A picows listener bound to a global connection index."""
+
+    def __init__(self, index: int, sink: MessageSink) -> None:
+        super().__init__()
+        self.index = index
+        self.sink = sink
+        self.transport: WSTransport | None = None
+        self.closing = False
+        self.disconnected = False
+        self._parts: list[bytes] = []
+        self._awaited: bytes | None = None
+        self._waiter: asyncio.Future[dict[str, object]] | None = None
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind in _DATA_TYPES:
+            if frame.fin and not self._parts:
+                self._deliver(frame.get_payload_as_bytes())
+                return
+            # Servers may fragment large messages; reassemble before delivering.
+            self._parts.append(frame.get_payload_as_bytes())
+            if frame.fin:
+                payload = b"".join(self._parts)
+                self._parts.clear()
+                self._deliver(payload)
+        elif kind == WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.disconnected = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ClosedEarlyError("closed before reply"))
+        if not self.closing:
+            self.sink.on_disconnect(self)
+
+    def send(self, payload: bytes) -> None:
+        """Send one text frame (picows masks it)."""
+        if self.transport is not None and not self.disconnected:
+            self.transport.send(WSMsgType.TEXT, payload)
+
+    def close(self) -> None:
+        """Close politely; later disconnect callbacks are not reported as drops."""
+        self.closing = True
+        if self.transport is not None and not self.disconnected:
+            self.transport.send_close(WSCloseCode.OK)
+            self.transport.disconnect()
+
+    def expect(self, message_type: str) -> asyncio.Future[dict[str, object]]:
+        """Future of the next message whose ``type`` is ``message_type``.
+
+        Arm it before the message can arrive (before connecting, before sending
+        the request). Other messages arriving meanwhile are discarded: this is
+        only used during setup (welcome, joined_room), before measured traffic.
+        """
+        self._awaited = message_type.encode()
+        self._waiter = asyncio.get_running_loop().create_future()
+        return self._waiter
+
+    def _deliver(self, payload: bytes) -> None:
+        waiter = self._waiter
+        if waiter is None:
+            self.sink.on_message(self, payload)
+            return
+        awaited = self._awaited
+        if awaited is None or awaited not in payload:
+            return
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(message, dict) and message.get("type") == awaited.decode():
+            self._waiter = None
+            self._awaited = None
+            if not waiter.done():
+                waiter.set_result(message)
+
+
+async def open_client(
+    url: str, index: int, sink: MessageSink, limit_s: float, wait_welcome: bool
+) -> tuple[Client | None, str | None, int]:
+    """Connect (and wait for the welcome if asked) within ``limit_s`` seconds.
+
+    Returns ``(client, None, handshake_ns)`` on success or ``(None, cause, elapsed_ns)``.
+    """
+    started = time.monotonic_ns()
+    client = Client(index, sink)
+    # Armed before connecting: the welcome may arrive in the same read as the 101.
+    welcome = client.expect("welcome") if wait_welcome else None
+    try:
+        async with asyncio.timeout(limit_s):
+            await ws_connect(
+                lambda: client, url, websocket_handshake_timeout=None, max_redirects=0
+            )
+            if welcome is not None:
+                await welcome
+    except Exception as exc:
+        client.close()
+        return None, failure_cause(exc), time.monotonic_ns() - started
+    return client, None, time.monotonic_ns() - started
+
+
+def failure_cause(exc: BaseException) -> str:
+    """Short, stable label for why a connection attempt failed."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, WSHandshakeError):
+        if exc.response is not None:
+            return f"http_{int(exc.response.status)}"
+        return "handshake"
+    if isinstance(exc, ClosedEarlyError):
+        return "closed_early"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+        return "reset"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return "fd_limit"
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return "no_local_ports"
+        return f"os_{errno.errorcode.get(exc.errno, str(exc.errno)).lower()}"
+    logger.debug("unclassified connection failure: %r", exc)
+    return type(exc).__name__.lower()

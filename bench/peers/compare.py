@@ -1,0 +1,267 @@
+"""Run every scenario against each server and write docs/performance.md.
+
+Servers: the plain-websockets peer, the Node ``ws`` peer, and shoal itself
+(``shoal serve``) with one worker and with one worker per CPU. Each server is
+pinned to CPU 0 and the load to CPU 1 with ``taskset`` (a 2-core machine);
+every run samples the server with ``--server-pid``. shoal's part is skipped
+with a message when ``shoal serve`` is unavailable. Run from the repository
+root: ``python -m shoal.bench.peers.compare``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+_READY_TIMEOUT_S = 30.0
+
+# (name, shoal-bench arguments, server runs in raw echo mode)
+SCENARIOS: list[tuple[str, list[str], bool]] = [
+    ("connect", ["connect", "-c", "1000"], False),
+    ("echo", ["echo", "-c", "50", "--pipeline", "4"], False),
+    ("echo-raw", ["echo", "--raw", "-c", "50", "--pipeline", "4"], True),
+    ("fanout", ["fanout", "-c", "100", "--publishers", "2"], False),
+    ("broadcast", ["broadcast", "-c", "20", "--publishers", "2"], False),
+    ("private", ["private", "-c", "100"], False),
+]
+
+
+@dataclass
+class ServerSpec:
+    """How to start one server: a command for protocol mode and one for raw echo."""
+
+    name: str
+    command: list[str]
+    echo_command: list[str]
+    path: str = "/ws"
+
+
+def _printable(command: list[str]) -> str:
+    """Shell form of ``command`` without this machine's absolute paths."""
+    shown = []
+    for arg in command:
+        if arg == sys.executable:
+            shown.append("python")
+        elif os.path.isabs(arg) and Path(arg).exists():
+            shown.append(os.path.relpath(arg))
+        else:
+            shown.append(arg)
+    return shlex.join(shown)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _pin(cpu: str, command: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *command] if shutil.which("taskset") else command
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server did not listen on port {port}")
+
+
+def _shoal_available() -> str | None:
+    """None when ``shoal serve`` works, else the reason it is skipped."""
+    if shutil.which("shoal") is None:
+        return "the `shoal` command is not installed"
+    probe = subprocess.run(["shoal", "serve", "--help"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        return "`shoal serve` is not available yet in this checkout"
+    return None
+
+
+def _shoal_spec(name: str, workers: int, port: int, workdir: Path) -> ServerSpec:
+    def config(echo: bool) -> list[str]:
+        path = workdir / f"{name}{'-echo' if echo else ''}.yaml"
+        text = (f"server:\n  host: 127.0.0.1\n  port: {port}\n  worker_num: {workers}\n"
+                "log:\n  level: warning\n")
+        if echo:
+            text += "app:\n  module: echo\n"
+        path.write_text(text)
+        return ["shoal", "serve", "--config", str(path)]
+
+    return ServerSpec(name, config(False), config(True))
+
+
+def _specs(port: int, workdir: Path) -> tuple[list[ServerSpec], list[str]]:
+    py = [sys.executable, "-m", "shoal.bench.peers.websockets_peer", "--port", str(port)]
+    node = ["node", str(NODE_DIR / "server.js"), "--port", str(port)]
+    specs = [ServerSpec("websockets", py, [*py, "--echo"])]
+    notes: list[str] = []
+    if shutil.which("node") and (NODE_DIR / "node_modules" / "ws").is_dir():
+        specs.append(ServerSpec("node-ws", node, [*node, "--echo"]))
+    else:
+        notes.append(f"node-ws skipped: run `npm install` in {NODE_DIR.name}/ first")
+    reason = _shoal_available()
+    if reason is None:
+        specs.append(_shoal_spec("shoal-1w", 1, port, workdir))
+        specs.append(_shoal_spec(f"shoal-{os.cpu_count()}w", os.cpu_count() or 1, port, workdir))
+    else:
+        notes.append(f"shoal skipped: {reason}")
+    return specs, notes
+
+
+def _run_one(
+    spec: ServerSpec, args: list[str], echo: bool, port: int, common: list[str], *, out: Path
+) -> tuple[dict[str, Any] | None, str]:
+    server = subprocess.Popen(_pin("0", spec.echo_command if echo else spec.command))
+    try:
+        _wait_listening(port, server)
+        url = f"ws://127.0.0.1:{port}{spec.path}"
+        bench = _pin("1", [
+            "shoal-bench", *args, "--url", url, "--server-pid", str(server.pid),
+            "--processes", "1", *common, "--json", str(out),
+        ])
+        printable = _printable(bench).replace(f"--server-pid {server.pid}",
+                                              "--server-pid $SERVER_PID")
+        print(f"$ {printable}", flush=True)
+        subprocess.run(bench, check=False)
+        if not out.exists():
+            return None, printable
+        document: dict[str, Any] = json.loads(out.read_text())
+        return document["runs"][0], printable
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _metric(run: dict[str, Any] | None, *path: str) -> float | None:
+    node: Any = run
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return float(node) if isinstance(node, int | float) else None
+
+
+_COLUMNS = [
+    ("echo msg/s", "echo", ("traffic", "received_per_s")),
+    ("echo msg/CPU-s", "echo", ("server", "received_per_cpu_second")),
+    ("raw echo msg/CPU-s", "echo-raw", ("server", "received_per_cpu_second")),
+    ("fan-out deliveries/s", "fanout", ("traffic", "received_per_s")),
+    ("fan-out deliveries/CPU-s", "fanout", ("server", "received_per_cpu_second")),
+    ("broadcast deliveries/CPU-s", "broadcast", ("server", "received_per_cpu_second")),
+    ("private msg/CPU-s", "private", ("server", "received_per_cpu_second")),
+    ("echo p99 ms", "echo", ("traffic", "latency_ms", "p99")),
+    ("idle KiB/conn (RSS)", "connect", ("server", "memory_per_connection_kib", "rss")),
+    ("idle KiB/conn (PSS)", "connect", ("server", "memory_per_connection_kib", "pss")),
+]
+
+
+def _machine() -> list[str]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    node = subprocess.run(["node", "--version"], capture_output=True, text=True, check=False)
+    return [
+        f"- CPU: {cpu}, {os.cpu_count()} cores",
+        f"- Kernel: {platform.release()}",
+        f"- Python: {platform.python_version()}",
+        f"- Node: {node.stdout.strip() or 'not installed'}",
+    ]
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def write_markdown(
+    path: Path,
+    results: dict[str, dict[str, dict[str, Any] | None]],
+    commands: list[str],
+    notes: list[str],
+) -> None:
+    """Write the performance page from ``results[server][scenario]``."""
+    names = list(results)
+    lines = ["# shoal performance", "", "Generated by `python -m shoal.bench.peers.compare`.",
+             "Server pinned to CPU 0, load (one `shoal-bench` process) to CPU 1.", "",
+             "## Machine", "", *_machine(), ""]
+    lines += ["## Results", "", "| metric | " + " | ".join(names) + " |",
+              "|---|" + "---:|" * len(names)]
+    for title, scenario, metric in _COLUMNS:
+        cells = [_fmt(_metric(results[n].get(scenario), *metric)) for n in names]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines += ["", "## Ratios (per server CPU-second, higher is better; memory: lower is better)",
+              ""]
+    shoal = [n for n in names if n.startswith("shoal")]
+    peers = [n for n in names if not n.startswith("shoal")]
+    if not shoal:
+        lines.append("shoal was not measured; no ratios.")
+    for s in shoal:
+        for p in peers:
+            for title, scenario, metric in _COLUMNS:
+                if "CPU-s" not in title and "KiB" not in title:
+                    continue
+                a = _metric(results[p].get(scenario), *metric)
+                b = _metric(results[s].get(scenario), *metric)
+                if a and b is not None:
+                    lines.append(f"- {title}: {s} / {p} = {b / a:.2f}")
+    problems = [f"- {n} {sc}: {'; '.join(r['problems'])}"
+                for n, runs in results.items() for sc, r in runs.items() if r and r["problems"]]
+    if problems or notes:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in notes], *problems]
+    lines += ["", "## Commands", "", "```", *commands, "```", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--output", type=Path, default=Path("docs/performance.md"))
+    args = parser.parse_args(argv)
+    common = ["--duration", str(args.duration), "--warmup", str(args.warmup)]
+    port = _free_port()
+    results: dict[str, dict[str, dict[str, Any] | None]] = {}
+    commands: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        specs, notes = _specs(port, Path(tmp))
+        for note in notes:
+            print(note, file=sys.stderr)
+        for spec in specs:
+            commands.append(f"# server {spec.name}: {_printable(_pin('0', spec.command))}")
+            results[spec.name] = {}
+            for name, bench_args, echo in SCENARIOS:
+                out = Path(tmp) / f"{spec.name}-{name}.json"
+                run, command = _run_one(spec, bench_args, echo, port, common, out=out)
+                results[spec.name][name] = run
+                commands.append(command.replace(str(out), f"{spec.name}-{name}.json"))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_markdown(args.output, results, commands, notes)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
