@@ -39,56 +39,117 @@ def build_parser() -> argparse.ArgumentParser:
         description="WebSocket load generator for shoal and protocol-compatible servers.",
     )
     p.add_argument("scenario", choices=SCENARIOS)
-    p.add_argument("--url", help="server URL, e.g. ws://127.0.0.1:9000/ws (required "
-                   "unless --self-test)")
-    p.add_argument("-c", "--connections", type=int,
-                   help="connections (connect: to open; echo/broadcast/private: in use; "
-                   "fanout: subscribers). Defaults: connect 1000, echo 50, fanout 100, "
-                   "broadcast 20, private 100")
-    p.add_argument("--publishers", type=int, default=1,
-                   help="fanout publishers / broadcast senders (default 1)")
-    p.add_argument("--processes", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="load processes (default: CPUs minus one, at least 1)")
+    p.add_argument(
+        "--url", help="server URL, e.g. ws://127.0.0.1:9000/ws (required unless --self-test)"
+    )
+    p.add_argument(
+        "-c",
+        "--connections",
+        type=int,
+        help="connections (connect: to open; echo/broadcast/private: in use; "
+        "fanout: subscribers). Defaults: connect 1000, echo 50, fanout 100, "
+        "broadcast 20, private 100",
+    )
+    p.add_argument(
+        "--publishers",
+        type=int,
+        default=1,
+        help="fanout publishers / broadcast senders (default 1)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="load processes (default: CPUs minus one, at least 1)",
+    )
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (default 2)")
-    p.add_argument("--drain", type=float, default=5.0,
-                   help="max seconds to wait for outstanding messages after sending (default 5)")
-    p.add_argument("--rate", type=float, default=0.0,
-                   help="connect: connections/s; fanout/broadcast/private: total messages/s; "
-                   "0 = as fast as possible (default 0)")
-    p.add_argument("--pipeline", type=int, default=1,
-                   help="echo: messages in flight per connection (default 1)")
-    p.add_argument("--max-inflight", type=int, default=32,
-                   help="unacknowledged messages per sender (default 32)")
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=5.0,
+        help="max seconds to wait for outstanding messages after sending (default 5)",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="connect: connections/s; fanout/broadcast/private: total messages/s; "
+        "0 = as fast as possible (default 0)",
+    )
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        default=1,
+        help="echo: messages in flight per connection (default 1)",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=32,
+        help="unacknowledged messages per sender (default 32)",
+    )
     p.add_argument("--size", type=int, default=64, help="payload padding bytes (default 64)")
-    p.add_argument("--raw", action="store_true",
-                   help="echo: the server echoes frames verbatim (no welcome, no JSON envelope)")
-    p.add_argument("--no-welcome", action="store_true",
-                   help="count a connection once the handshake completes (server sends none)")
-    p.add_argument("--connect-timeout", type=float, default=10.0,
-                   help="seconds per connection attempt incl. welcome (default 10)")
-    p.add_argument("--connect-concurrency", type=int, default=256,
-                   help="handshakes in progress per load process (default 256)")
-    p.add_argument("--timeout", type=float,
-                   help="hard limit on one run in seconds (default: warmup + duration + "
-                   "drain + 60)")
-    p.add_argument("--server-pid", type=int, action="append", default=[],
-                   help="server process to sample (children included); repeatable")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="echo: the server echoes frames verbatim (no welcome, no JSON envelope)",
+    )
+    p.add_argument(
+        "--no-welcome",
+        action="store_true",
+        help="count a connection once the handshake completes (server sends none)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        help="seconds per connection attempt incl. welcome (default 10)",
+    )
+    p.add_argument(
+        "--connect-concurrency",
+        type=int,
+        default=256,
+        help="handshakes in progress per load process (default 256)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="hard limit on one run in seconds (default: warmup + duration + drain + 60)",
+    )
+    p.add_argument(
+        "--server-pid",
+        type=int,
+        action="append",
+        default=[],
+        help="server process to sample (children included); repeatable",
+    )
     p.add_argument("--compare", metavar="URL2", help="also run against this server and compare")
-    p.add_argument("--compare-pid", type=int, action="append", default=[],
-                   help="process of the --compare server to sample; repeatable")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="with --compare: alternate A, B this many times each (default 1)")
-    p.add_argument("--self-test", action="store_true",
-                   help="run against a built-in null server to measure this tool's ceiling")
+    p.add_argument(
+        "--compare-pid",
+        type=int,
+        action="append",
+        default=[],
+        help="process of the --compare server to sample; repeatable",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --compare: alternate A, B this many times each (default 1)",
+    )
+    p.add_argument(
+        "--self-test",
+        action="store_true",
+        help="run against a built-in null server to measure this tool's ceiling",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="write all results as JSON")
     p.add_argument("--report", type=Path, metavar="FILE.html", help="write an HTML report")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
-_DEFAULT_CONNECTIONS = {"connect": 1000, "echo": 50, "fanout": 100, "broadcast": 20,
-                        "private": 100}
+_DEFAULT_CONNECTIONS = {"connect": 1000, "echo": 50, "fanout": 100, "broadcast": 20, "private": 100}
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -98,8 +159,14 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error("--self-test cannot be combined with --compare")
     if args.connections is None:
         args.connections = _DEFAULT_CONNECTIONS[args.scenario]
-    positive = ("connections", "processes", "pipeline", "max_inflight", "rounds",
-                "connect_concurrency")
+    positive = (
+        "connections",
+        "processes",
+        "pipeline",
+        "max_inflight",
+        "rounds",
+        "connect_concurrency",
+    )
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -116,10 +183,11 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     total = args.connections + (args.publishers if args.scenario == "fanout" else 0)
     if total > MAX_CONNECTIONS:
         parser.error(f"at most {MAX_CONNECTIONS} connections per run")
-    if (args.scenario == "broadcast" and args.rate == 0
-            and total // min(args.processes, total) < 2):
-        parser.error("broadcast with --rate 0 needs at least 2 connections per load process "
-                     "(one observes delivery to pace the sender); set --rate or fewer --processes")
+    if args.scenario == "broadcast" and args.rate == 0 and total // min(args.processes, total) < 2:
+        parser.error(
+            "broadcast with --rate 0 needs at least 2 connections per load process "
+            "(one observes delivery to pace the sender); set --rate or fewer --processes"
+        )
 
 
 def _plan(args: argparse.Namespace, url: str) -> RunPlan:
@@ -146,9 +214,7 @@ def _plan(args: argparse.Namespace, url: str) -> RunPlan:
     )
 
 
-def _one_run(
-    args: argparse.Namespace, url: str, pids: list[int], label: str
-) -> dict[str, Any]:
+def _one_run(args: argparse.Namespace, url: str, pids: list[int], label: str) -> dict[str, Any]:
     plan = _plan(args, url)
     probe = ServerProbe(pids) if pids else None
     limit = args.timeout or (args.warmup + args.duration + args.drain + _TIMEOUT_SLACK_S)
@@ -246,8 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_results(shown, "B/A" if args.compare else None)
     if comparison is not None and args.rounds > 1:
         for name, row in comparison["metrics"].items():
-            print(f"mean over {args.rounds} rounds {name}: A={row['A']} B={row['B']} "
-                  f"B/A={row['B/A']}")
+            print(
+                f"mean over {args.rounds} rounds {name}: A={row['A']} B={row['B']} B/A={row['B/A']}"
+            )
     for run in runs:
         for problem in run["problems"]:
             print(f"shoal-bench: {run['label']}: {problem}", file=sys.stderr)

@@ -139,9 +139,7 @@ async def open_client(
     welcome = client.expect("welcome") if wait_welcome else None
     try:
         async with asyncio.timeout(limit_s):
-            await ws_connect(
-                lambda: client, url, websocket_handshake_timeout=None, max_redirects=0
-            )
+            await ws_connect(lambda: client, url, websocket_handshake_timeout=None, max_redirects=0)
             if welcome is not None:
                 await welcome
     except Exception as exc:

@@ -30,28 +30,31 @@ def _svg_lines(
     def sy(y: float) -> float:
         return _H - _PAD + -y / y_max * (_H - 2 * _PAD)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
-             f'font-family="sans-serif" font-size="11">',
-             f'<line x1="{_PAD}" y1="{_H - _PAD}" x2="{_W - _PAD}" y2="{_H - _PAD}" '
-             'stroke="#333"/>',
-             f'<line x1="{_PAD}" y1="{_PAD}" x2="{_PAD}" y2="{_H - _PAD}" stroke="#333"/>',
-             f'<text x="{_W / 2}" y="{_H - 8}" text-anchor="middle">{html.escape(x_label)}</text>',
-             f'<text x="12" y="{_H / 2}" transform="rotate(-90 12 {_H / 2})" '
-             f'text-anchor="middle">{html.escape(y_label)}</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
+        f'font-family="sans-serif" font-size="11">',
+        f'<line x1="{_PAD}" y1="{_H - _PAD}" x2="{_W - _PAD}" y2="{_H - _PAD}" stroke="#333"/>',
+        f'<line x1="{_PAD}" y1="{_PAD}" x2="{_PAD}" y2="{_H - _PAD}" stroke="#333"/>',
+        f'<text x="{_W / 2}" y="{_H - 8}" text-anchor="middle">{html.escape(x_label)}</text>',
+        f'<text x="12" y="{_H / 2}" transform="rotate(-90 12 {_H / 2})" '
+        f'text-anchor="middle">{html.escape(y_label)}</text>',
+    ]
     for k in range(5):
         y = y_max * k / 4
-        parts.append(f'<text x="{_PAD - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">'
-                     f"{y:,.3g}</text>")
+        parts.append(f'<text x="{_PAD - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:,.3g}</text>')
     for x, text in x_ticks or [(x_max * k / 4, f"{x_max * k / 4:.3g}") for k in range(5)]:
-        parts.append(f'<text x="{sx(x):.1f}" y="{_H - _PAD + 14}" text-anchor="middle">'
-                     f"{html.escape(text)}</text>")
+        parts.append(
+            f'<text x="{sx(x):.1f}" y="{_H - _PAD + 14}" text-anchor="middle">'
+            f"{html.escape(text)}</text>"
+        )
     for n, (name, data) in enumerate(series):
         color = _COLORS[n % len(_COLORS)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in data)
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" '
-                     f'points="{path}"/>')
-        parts.append(f'<text x="{_W - _PAD}" y="{_PAD + 14 * n}" fill="{color}" '
-                     f'text-anchor="end">{html.escape(name)}</text>')
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
+        parts.append(
+            f'<text x="{_W - _PAD}" y="{_PAD + 14 * n}" fill="{color}" '
+            f'text-anchor="end">{html.escape(name)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -105,7 +108,11 @@ def render_report(document: dict[str, Any]) -> str:
             "<h2>Latency distribution (measured window)</h2>",
             _svg_lines(latency, "percentile", "ms", ticks),
         ]
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>shoal-bench</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>shoal-bench</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )

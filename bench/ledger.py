@@ -90,7 +90,10 @@ class SequenceLedger:
                 stream.missing.update(range(highest + 1, seq))
             self._example(
                 self._report.gap_examples,
-                receiver=receiver, source=source, expected=highest + 1, got=seq,
+                receiver=receiver,
+                source=source,
+                expected=highest + 1,
+                got=seq,
             )
             stream.highest = seq
             stream.unique += 1
@@ -101,7 +104,10 @@ class SequenceLedger:
             stream.unique += 1
             self._example(
                 self._report.reorder_examples,
-                receiver=receiver, source=source, seq=seq, after=highest,
+                receiver=receiver,
+                source=source,
+                seq=seq,
+                after=highest,
             )
             return True
         stream.duplicates += 1

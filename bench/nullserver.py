@@ -80,23 +80,36 @@ class _Session(WSListener):
             transport.send(WSMsgType.TEXT, orjson.dumps(reply))
         elif kind == "room_message":
             out = orjson.dumps(
-                {"type": "room_message", "from": self.user, "room": message["room"],
-                 "message": message["message"], "timestamp": 0}
+                {
+                    "type": "room_message",
+                    "from": self.user,
+                    "room": message["room"],
+                    "message": message["message"],
+                    "timestamp": 0,
+                }
             )
             for member in hub.rooms.get(message["room"], ()):
                 member.send(WSMsgType.TEXT, out)
         elif kind == "broadcast":
             out = orjson.dumps(
-                {"type": "broadcast", "from": self.user, "message": message["message"],
-                 "timestamp": 0}
+                {
+                    "type": "broadcast",
+                    "from": self.user,
+                    "message": message["message"],
+                    "timestamp": 0,
+                }
             )
             for other in hub.everyone:
                 if other is not transport:
                     other.send(WSMsgType.TEXT, out)
         elif kind == "private":
             out = orjson.dumps(
-                {"type": "private_message", "from": self.user, "message": message["message"],
-                 "timestamp": 0}
+                {
+                    "type": "private_message",
+                    "from": self.user,
+                    "message": message["message"],
+                    "timestamp": 0,
+                }
             )
             for target in hub.users.get(message["to"], ()):
                 target.send(WSMsgType.TEXT, out)

@@ -141,8 +141,12 @@ def _tally_streams(
             row["lost"] += lost
             if lost and len(out["examples"]["lost"]) < EXAMPLE_LIMIT:
                 out["examples"]["lost"].append(
-                    {"receiver": receiver, "source": source, "sent": sent[source],
-                     "received": unique}
+                    {
+                        "receiver": receiver,
+                        "source": source,
+                        "sent": sent[source],
+                        "received": unique,
+                    }
                 )
             if totals:
                 row["duplicates"] += totals.duplicates
@@ -150,9 +154,10 @@ def _tally_streams(
                 row["gap_events"] += totals.gap_events
         for name in ("lost", "duplicates", "reorders", "gap_events"):
             out[name] += row[name]
-        if any(row[n] for n in ("lost", "duplicates", "reorders", "gap_events")) and len(
-            out["by_receiver"]
-        ) < _RECEIVER_LIMIT:
+        if (
+            any(row[n] for n in ("lost", "duplicates", "reorders", "gap_events"))
+            and len(out["by_receiver"]) < _RECEIVER_LIMIT
+        ):
             out["by_receiver"].append(row)
     out["unexpected"] = sum(t.unique for k, t in streams.items() if k not in seen)
 

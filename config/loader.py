@@ -40,7 +40,7 @@ def load(
     origins: dict[tuple[str, str], str] = {}
     env = os.environ if environ is None else environ
     for name, raw in sorted(env.items()):
-        if not name.startswith(ENV_PREFIX) or name == "SHOAL_TEST_TIMEOUT_SCALE":
+        if not name.startswith(ENV_PREFIX):
             continue
         section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
         if not sep or not section or not key:
@@ -54,7 +54,7 @@ def load(
         for key, value in values.items():
             if value is not None:
                 data.setdefault(section, {})[key] = value
-                origins[(section, key)] = f"--{key.replace('_', '-')}"
+                origins[(section, key)] = "the command line"
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

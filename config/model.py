@@ -61,6 +61,8 @@ class ServerConfig(_Section):
     def _path(cls, value: str) -> str:
         if not value.startswith("/") or "?" in value or " " in value:
             raise ValueError("must start with '/' and hold no query or spaces")
+        if value == "/healthz":
+            raise ValueError("/healthz is the health endpoint; choose another path")
         return value
 
     @field_validator("node_id")

@@ -24,7 +24,7 @@ import yaml
 from websockets.asyncio.client import ClientConnection, connect
 
 # Every timeout in the tests is a multiple of this, so slow machines can stretch them.
-SCALE = float(os.environ.get("SHOAL_TEST_TIMEOUT_SCALE", "1"))
+SCALE = float(os.environ.get("SHOALTEST_TIMEOUT_SCALE", "1"))
 SHOAL = [sys.executable, "-m", "shoal.server.cli"]
 
 

@@ -55,7 +55,7 @@ class Connection:
     """A client connected to this worker.
 
     Attributes:
-        id: unique across the whole deployment (`<worker id>-<n>`).
+        id: unique across the whole deployment (`<worker id>.<n>`).
         user_id: the user; several connections may share one.
         address: the client's address, `host:port`.
         connected_at: when it connected, in epoch milliseconds.

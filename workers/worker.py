@@ -204,6 +204,8 @@ class Worker:
                 await self._dispatch(conn, data)
         except ConnectionClosed:
             pass
+        except ServiceUnavailable:
+            await conn.close(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
         except ProtocolError as exc:
             await conn.close(CloseCode.POLICY_VIOLATION, str(exc))
         except Exception:
@@ -239,6 +241,8 @@ class Worker:
         if self.app.close_handler is not None:
             try:
                 await self.app.close_handler(conn)
+            except ServiceUnavailable:
+                logger.warning("redis unavailable while closing %s", conn.id)
             except Exception:
                 logger.exception("on_close failed on connection %s", conn.id)
         try:

@@ -74,28 +74,52 @@ class Hub:
             names = sorted({u for u, conns in self.users.items() if conns & members})
             reply = {"type": "joined_room", "room": room, "members": names}
             await ws.send(orjson.dumps(reply), text=True)
-            note = {"type": "user_joined_room", "user_id": user, "room": room,
-                    "total_members": len(members)}
+            note = {
+                "type": "user_joined_room",
+                "user_id": user,
+                "room": room,
+                "total_members": len(members),
+            }
             broadcast(others, orjson.dumps(note), text=True)
         elif kind == "room_message":
             room = str(message.get("room"))
-            out = orjson.dumps({"type": "room_message", "from": user, "room": room,
-                                "message": message.get("message"), "timestamp": now})
+            out = orjson.dumps(
+                {
+                    "type": "room_message",
+                    "from": user,
+                    "room": room,
+                    "message": message.get("message"),
+                    "timestamp": now,
+                }
+            )
             broadcast(self._keep(self.rooms.get(room, set())), out, text=True)
         elif kind == "broadcast":
-            out = orjson.dumps({"type": "broadcast", "from": user,
-                                "message": message.get("message"), "timestamp": now})
+            out = orjson.dumps(
+                {
+                    "type": "broadcast",
+                    "from": user,
+                    "message": message.get("message"),
+                    "timestamp": now,
+                }
+            )
             broadcast([c for c in self.everyone if c is not ws], out, text=True)
         elif kind == "private":
             target = str(message.get("to"))
             if target not in self.users:
                 await ws.send(b'{"type":"error","message":"User not found"}', text=True)
                 return
-            out = orjson.dumps({"type": "private_message", "from": user,
-                                "message": message.get("message"), "timestamp": now})
+            out = orjson.dumps(
+                {
+                    "type": "private_message",
+                    "from": user,
+                    "message": message.get("message"),
+                    "timestamp": now,
+                }
+            )
             broadcast(self.users[target], out, text=True)
-            await ws.send(orjson.dumps({"type": "message_sent", "to": target, "timestamp": now}),
-                          text=True)
+            await ws.send(
+                orjson.dumps({"type": "message_sent", "to": target, "timestamp": now}), text=True
+            )
         else:
             await ws.send(orjson.dumps({"type": "echo", "data": message}), text=True)
 
@@ -122,8 +146,9 @@ async def echo(ws: ServerConnection) -> None:
 async def serve_forever(host: str, port: int, raw_echo: bool, drop_every: int) -> None:
     """Listen until cancelled; prints ``listening PORT`` once ready."""
     handler = echo if raw_echo else Hub(drop_every).handle
-    async with serve(handler, host, port, compression=None, max_queue=None,
-                     ping_interval=None) as server:
+    async with serve(
+        handler, host, port, compression=None, max_queue=None, ping_interval=None
+    ) as server:
         bound = next(iter(server.sockets)).getsockname()[1]
         print(f"listening {bound}", flush=True)
         await server.serve_forever()
@@ -135,8 +160,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9001, help="0 picks a free port")
     parser.add_argument("--echo", action="store_true", help="echo frames verbatim")
-    parser.add_argument("--drop-every", type=int, default=0, metavar="N",
-                        help="drop every Nth room-message delivery (for tests)")
+    parser.add_argument(
+        "--drop-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="drop every Nth room-message delivery (for tests)",
+    )
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(serve_forever(args.host, args.port, args.echo, args.drop_every))

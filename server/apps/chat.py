@@ -42,9 +42,11 @@ async def goodbye(conn: Connection) -> None:
     for room in list(conn.rooms):
         await _leave(conn, room)
     if _announce():
-        total = await conn.hub.total_users()
+        # This connection is still counted; its user goes only with their last connection.
+        last = len(await conn.hub.registry.user_connections(conn.user_id)) <= 1
+        total = await conn.hub.total_users() - (1 if last else 0)
         await conn.hub.broadcast(
-            {"type": "user_disconnected", "user_id": conn.user_id, "total_users": total - 1},
+            {"type": "user_disconnected", "user_id": conn.user_id, "total_users": total},
             exclude=conn,
         )
 
@@ -171,9 +173,7 @@ async def set_metadata(conn: Connection, message: dict[str, Any]) -> None:
 
 @app.on("presence")
 async def presence(conn: Connection, message: dict[str, Any]) -> None:
-    room = message.get("room")
-    if room is not None and not isinstance(room, str):
-        raise ProtocolError("Invalid room")
+    room = protocol.name_field(message, "room") if "room" in message else None
     reply: dict[str, Any] = {"type": "presence", "users": await conn.hub.presence(room)}
     if room is not None:
         reply["room"] = room

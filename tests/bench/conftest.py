@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-TIMEOUT_SCALE = float(os.environ.get("SHOAL_TEST_TIMEOUT_SCALE", "1"))
+TIMEOUT_SCALE = float(os.environ.get("SHOALTEST_TIMEOUT_SCALE", "1"))
 
 
 class Peer:

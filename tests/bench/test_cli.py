@@ -17,13 +17,23 @@ import pytest
 from shoal.bench.cli import main
 from shoal.bench.summary import EXIT_INTEGRITY, EXIT_INVALID, EXIT_OK
 
-TIMEOUT_SCALE = float(os.environ.get("SHOAL_TEST_TIMEOUT_SCALE", "1"))
+TIMEOUT_SCALE = float(os.environ.get("SHOALTEST_TIMEOUT_SCALE", "1"))
 Peer = Any  # conftest.Peer: has .url and .pid
 
 pytestmark = pytest.mark.timeout(60 * TIMEOUT_SCALE)
 
-_SHORT = ["--duration", "1", "--warmup", "0.2", "--processes", "2",
-          "--drain", str(5 * TIMEOUT_SCALE), "--connect-timeout", str(5 * TIMEOUT_SCALE)]
+_SHORT = [
+    "--duration",
+    "1",
+    "--warmup",
+    "0.2",
+    "--processes",
+    "2",
+    "--drain",
+    str(5 * TIMEOUT_SCALE),
+    "--connect-timeout",
+    str(5 * TIMEOUT_SCALE),
+]
 
 
 def _run(tmp_path: Path, *argv: str) -> tuple[int, dict[str, Any]]:
@@ -34,13 +44,34 @@ def _run(tmp_path: Path, *argv: str) -> tuple[int, dict[str, Any]]:
 
 def test_echo_counts_and_schema(tmp_path: Path, start_peer: Callable[..., Peer]) -> None:
     peer = start_peer()
-    code, doc = _run(tmp_path, "echo", "--url", peer.url, "-c", "3", "--pipeline", "2",
-                     "--server-pid", str(peer.pid))
+    code, doc = _run(
+        tmp_path,
+        "echo",
+        "--url",
+        peer.url,
+        "-c",
+        "3",
+        "--pipeline",
+        "2",
+        "--server-pid",
+        str(peer.pid),
+    )
     assert code == EXIT_OK
     assert doc["schema"] == "shoal-bench/1"
     run = doc["runs"][0]
-    assert set(run) >= {"label", "scenario", "url", "plan", "connections", "traffic",
-                        "integrity", "server", "problems", "exit_code", "valid"}
+    assert set(run) >= {
+        "label",
+        "scenario",
+        "url",
+        "plan",
+        "connections",
+        "traffic",
+        "integrity",
+        "server",
+        "problems",
+        "exit_code",
+        "valid",
+    }
     assert run["connections"]["connected"] == 3
     assert run["connections"]["failed"] == {}
     assert run["traffic"]["received"] > 0
@@ -102,8 +133,9 @@ def test_injected_loss_is_detected(tmp_path: Path, start_peer: Callable[..., Pee
 
 def test_connect_reports_memory(tmp_path: Path, start_peer: Callable[..., Peer]) -> None:
     peer = start_peer()
-    code, doc = _run(tmp_path, "connect", "--url", peer.url, "-c", "20",
-                     "--server-pid", str(peer.pid))
+    code, doc = _run(
+        tmp_path, "connect", "--url", peer.url, "-c", "20", "--server-pid", str(peer.pid)
+    )
     run = doc["runs"][0]
     assert code == EXIT_OK
     assert run["connections"]["connected"] == 20

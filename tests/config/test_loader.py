@@ -46,6 +46,7 @@ def test_app_settings_are_kept_for_the_application(tmp_path: Path) -> None:
         ("server:\n  wokrer_num: 2\n", "server.wokrer_num: unknown key"),
         ("servr:\n  port: 1\n", "servr: unknown key"),
         ("server:\n  path: ws\n", "server.path: must start with '/'"),
+        ("server:\n  path: /healthz\n", "server.path: /healthz is the health endpoint"),
         ("redis:\n  url: http://x\n", "redis.url: must be 'embedded' or a URL"),
         ("redis:\n  prefix: 'a:b'\n", "redis.prefix: must be 1-64 letters"),
         ("log:\n  format: xml\n", "log.format: Input should be 'text' or 'json'"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from support import Shoal, client, clients_on_workers
+from support import Shoal, client, clients_on_workers, wait_until
 
 
 async def test_welcome_and_clients_on_both_workers(shoal: Shoal) -> None:
@@ -191,7 +191,9 @@ async def test_close_leaves_rooms_and_notifies(
         assert redis.hkeys(f"{prefix}:users") == ["ann"]
 
 
-async def test_announce_connections(tmp_path: Any, settings: dict[str, Any]) -> None:
+async def test_announce_connections(
+    tmp_path: Any, settings: dict[str, Any], redis_server: Any
+) -> None:
     settings["app"] = {"module": "chat", "announce_connections": True}
     node = Shoal(tmp_path, settings).start()
     try:
@@ -202,6 +204,14 @@ async def test_announce_connections(tmp_path: Any, settings: dict[str, Any]) -> 
                     "user_id": "bo",
                     "total_users": 2,
                 }
+                async with client(node.url("bo")):  # bo's second connection
+                    assert (await ann.expect("user_connected"))["total_users"] == 2
+                # bo is still connected once: still two users
+                assert (await ann.expect("user_disconnected"))["total_users"] == 2
+                # Counts are read as closes happen: let the first close finish first.
+                redis = redis_server.client()
+                key = f"{settings['redis']['prefix']}:user:bo"
+                await asyncio.to_thread(wait_until, lambda: redis.hlen(key) == 1, 5, "bo's close")
             assert await ann.expect("user_disconnected") == {
                 "type": "user_disconnected",
                 "user_id": "bo",
