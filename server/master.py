@@ -311,7 +311,7 @@ class Master:
         try:
             return await operation(Registry(client, Keys(self.config.redis.prefix), self.node_id))
         finally:
-            await client.aclose()
+            await client.close()
 
 
 def _check_port_free(host: str, port: int) -> None:

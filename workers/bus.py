@@ -1,10 +1,7 @@
-"""The message bus: Redis PUBLISH and SUBSCRIBE on two lean connections read with hiredis.
+"""The message bus: Redis PUBLISH and SUBSCRIBE on two lean connections (`shoal.workers.resp`).
 
-This is the hot path of every cross-worker message, so it does not go through redis-py:
-measured on one core, redis-py's asyncio PubSub spends about 9 us of CPU per received
-message and its `publish()` about 47 us per call, where this module spends about 0.6 us
-and 7 us. Parsing is hiredis's; this module only frames commands, pipelines them (every
-command written in one event-loop turn goes out in one write) and reconnects.
+This is the hot path of every cross-worker message: see `resp` for why it does not go
+through redis-py.
 
 PUBLISH is fire-and-forget in Redis: a worker that is reconnecting misses what was
 published meanwhile. Senders get an error for what they publish while the bus is down,
@@ -16,15 +13,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import ssl
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import hiredis
-from redis.connection import SSLConnection, parse_url
 
 from shoal.server.errors import ServiceUnavailable
+from shoal.workers.resp import Link, RedisAddress, open_link
 
 logger = logging.getLogger(__name__)
 
@@ -36,116 +31,6 @@ _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
 
 OnMessage = Callable[[bytes, bytes], None]
-
-
-@dataclass(frozen=True, slots=True)
-class RedisAddress:
-    """Where a Redis server listens, parsed from a `redis://`, `rediss://` or `unix://` URL."""
-
-    host: str | None
-    port: int
-    path: str | None
-    username: str | None
-    password: str | None
-    tls: ssl.SSLContext | None
-
-    @classmethod
-    def from_url(cls, url: str) -> RedisAddress:
-        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-        tls = None
-        if options.get("connection_class") is SSLConnection:
-            tls = ssl.create_default_context()
-            if options.get("ssl_cert_reqs") in ("none", "optional"):
-                tls.check_hostname = False
-                tls.verify_mode = ssl.CERT_NONE
-        return cls(
-            host=options.get("host"),
-            port=int(options.get("port", 6379)),
-            path=options.get("path"),
-            username=options.get("username"),
-            password=options.get("password"),
-            tls=tls,
-        )
-
-    def __str__(self) -> str:
-        return f"unix://{self.path}" if self.path else f"{self.host}:{self.port}"
-
-
-class _Link(asyncio.Protocol):
-    """One RESP connection. Replies resolve futures in order; push messages go to `on_push`."""
-
-    def __init__(
-        self,
-        on_push: Callable[[list[bytes]], None] | None,
-        on_lost: Callable[[_Link], None],
-    ) -> None:
-        self.reader = hiredis.Reader()
-        self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self.outbox: list[bytes] = []
-        self.transport: asyncio.Transport | None = None
-        self.on_push = on_push
-        self.on_lost = on_lost
-        self.loop = asyncio.get_running_loop()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        reader = self.reader
-        reader.feed(data)
-        on_push = self.on_push
-        while (reply := reader.gets()) is not False:
-            if on_push is not None and type(reply) is list and reply[0] in _PUSH_KINDS:
-                try:
-                    on_push(reply)
-                except Exception:
-                    logger.exception("bus message handler failed")
-                continue
-            waiter = self.pending.popleft()
-            if waiter.done():
-                continue
-            if isinstance(reply, hiredis.ReplyError):
-                waiter.set_exception(reply)
-            else:
-                waiter.set_result(reply)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        error = ServiceUnavailable()
-        while self.pending:
-            waiter = self.pending.popleft()
-            if not waiter.done():
-                waiter.set_exception(error)
-        self.on_lost(self)
-
-    def send(self, *args: bytes | str) -> asyncio.Future[Any]:
-        """Queue one command; all commands queued in one loop turn leave in one write."""
-        if self.transport is None:
-            raise ServiceUnavailable()
-        if not self.outbox:
-            self.loop.call_soon(self._flush)
-        self.outbox.append(hiredis.pack_command(cast(Any, args)))
-        waiter: asyncio.Future[Any] = self.loop.create_future()
-        self.pending.append(waiter)
-        return waiter
-
-    def send_quiet(self, *args: bytes | str) -> None:
-        """Queue a command whose only replies are push messages (SUBSCRIBE, UNSUBSCRIBE)."""
-        if self.transport is None:
-            return
-        if not self.outbox:
-            self.loop.call_soon(self._flush)
-        self.outbox.append(hiredis.pack_command(cast(Any, args)))
-
-    def _flush(self) -> None:
-        outbox, self.outbox = self.outbox, []
-        if self.transport is not None and outbox:
-            self.transport.write(b"".join(outbox))
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 class Bus:
@@ -174,8 +59,8 @@ class Bus:
         self.on_state = on_state
         self.wanted: dict[bytes, int] = {}
         self.confirmations: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
-        self.publisher: _Link | None = None
-        self.subscriber: _Link | None = None
+        self.publisher: Link | None = None
+        self.subscriber: Link | None = None
         self.up = False
         self._wake = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -243,7 +128,7 @@ class Bus:
         if self.subscriber is not None:
             self.subscriber.send_quiet(b"UNSUBSCRIBE", channel)
 
-    def _on_push(self, reply: list[bytes]) -> None:
+    def _on_push(self, reply: list[Any]) -> None:
         kind = reply[0]
         if kind == _MESSAGE:
             self.on_message(reply[1], reply[2])
@@ -256,7 +141,7 @@ class Bus:
                 if not waiters:
                     del self.confirmations[reply[1]]
 
-    def _on_lost(self, link: _Link) -> None:
+    def _on_lost(self, link: Link) -> None:
         if link is self.publisher:
             self.publisher = None
         elif link is self.subscriber:
@@ -312,29 +197,15 @@ class Bus:
             self._set_state()
         return True
 
-    async def _open(self, on_push: Callable[[list[bytes]], None] | None) -> _Link:
-        loop = asyncio.get_running_loop()
-        address = self.address
-
-        def factory() -> _Link:
-            return _Link(on_push, self._on_lost)
-
-        async with asyncio.timeout(2.0):
-            if address.path is not None:
-                _, link = await loop.create_unix_connection(factory, address.path)
-            else:
-                assert address.host is not None
-                _, link = await loop.create_connection(
-                    factory, address.host, address.port, ssl=address.tls
-                )
-            if address.password is not None:
-                credentials = [address.username or "default", address.password]
-                try:
-                    await link.send(b"AUTH", *credentials)
-                except BaseException:
-                    link.close()
-                    raise
-        return link
+    async def _open(self, on_push: Callable[[list[Any]], None] | None) -> Link:
+        # Pub/sub ignores database numbers, so no SELECT.
+        return await open_link(
+            self.address,
+            on_push=on_push,
+            on_lost=self._on_lost,
+            push_kinds=_PUSH_KINDS,
+            select_db=False,
+        )
 
 
 def _chunks(items: list[bytes], size: int) -> Iterable[list[bytes]]:

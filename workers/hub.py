@@ -160,15 +160,23 @@ class Hub:
     async def send_to_user(self, user_id: str, message: Mapping[str, Any]) -> int:
         """Send `message` to every connection of `user_id`. Returns how many it has (0: none).
 
-        One PUBLISH per worker holding such a connection, to that worker's channel.
+        Connections on this worker get it directly; each other worker holding some gets
+        one PUBLISH on its own channel.
         """
         connections = await self.registry.user_connections(user_id)
         if not connections:
             return 0
+        payload = protocol.encode(message)
         by_worker: dict[str, list[str]] = {}
         for cid, wid in connections.items():
             by_worker.setdefault(wid, []).append(cid)
-        payload = protocol.encode(message)
+        mine = by_worker.pop(self.worker_id, ())
+        if mine:
+            wire = protocol.frame(payload)
+            for cid in mine:
+                conn = self.local.get(cid)
+                if conn is not None:
+                    conn.push(wire, payload, True)
         for wid, cids in by_worker.items():
             envelope = msgpack.packb((True, payload, cids))
             await self.bus.publish(self.keys.bus_worker(wid), envelope)

@@ -29,11 +29,12 @@ from shoal.server.errors import BootError, ProtocolError, ServiceUnavailable
 from shoal.server.protocol import CloseCode
 from shoal.server.scoreboard import Scoreboard
 from shoal.workers import http
-from shoal.workers.bus import Bus, RedisAddress
+from shoal.workers.bus import Bus
 from shoal.workers.connection import Connection, Socket, close_socket
 from shoal.workers.hub import Hub
 from shoal.workers.keys import Keys
 from shoal.workers.registry import Registry, connect
+from shoal.workers.resp import RedisAddress
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class Worker:
         for task in loops:
             task.cancel()
         await bus.close()
-        await client.aclose()
+        await client.close()
         return 0
 
     async def _listen(self) -> Server:

@@ -121,6 +121,6 @@ async def test_redis_outage_is_reported_and_survived(
             presence = await bo.request({"type": "presence"}, "presence")
             assert [u["user_id"] for u in presence["users"]] == ["ann", "bo"]
         log = node.log()
-        assert "redis unreachable" in log and "reconnected" in log and "Traceback" not in log
+        assert "lost; reconnecting" in log and "reconnected" in log and "Traceback" not in log
     finally:
         node.stop()

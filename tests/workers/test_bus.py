@@ -8,7 +8,8 @@ import pytest
 from support import SCALE, RedisServer
 
 from shoal.server.errors import ServiceUnavailable
-from shoal.workers.bus import Bus, RedisAddress
+from shoal.workers.bus import Bus
+from shoal.workers.resp import RedisAddress
 
 
 class Inbox:

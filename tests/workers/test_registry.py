@@ -18,7 +18,7 @@ async def registries(
     client = connect(redis_server.url)
     keys = Keys(prefix)
     yield Registry(client, keys, "n1", "n1.0.1"), Registry(client, keys, "n2", "n2.0.2")
-    await client.aclose()
+    await client.close()
 
 
 def snapshot(cid: str, user: str, rooms: tuple[str, ...] = ()) -> Snapshot:
