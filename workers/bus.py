@@ -30,7 +30,7 @@ _SUBSCRIBE_CHUNK = 512
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
 
-OnMessage = Callable[[bytes, bytes], None]
+OnMessages = Callable[[list[tuple[bytes, bytes]]], None]
 
 
 class Bus:
@@ -43,19 +43,19 @@ class Bus:
 
     Args:
         address: the Redis server.
-        on_message: called as `on_message(channel, data)` for each message, inside the
-            read callback: it must not block.
+        on_messages: called with `[(channel, data), ...]`, every message of one read from
+            Redis in order, inside the read callback: it must not block.
         on_state: called with True when both connections are up, False when one drops.
     """
 
     def __init__(
         self,
         address: RedisAddress,
-        on_message: OnMessage,
+        on_messages: OnMessages,
         on_state: Callable[[bool], None] | None = None,
     ) -> None:
         self.address = address
-        self.on_message = on_message
+        self.on_messages = on_messages
         self.on_state = on_state
         self.wanted: dict[bytes, int] = {}
         self.confirmations: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
@@ -91,6 +91,20 @@ class Bus:
         if self.publisher is None:
             raise ServiceUnavailable()
         return self.publisher.send(b"PUBLISH", channel, data)
+
+    def post(self, channel: bytes, data: bytes) -> None:
+        """Publish `data` on `channel` without waiting for Redis's reply.
+
+        Handlers that do not wait go on with the client's next message in the same loop
+        turn, so a burst of messages leaves in one write and comes back from Redis in one
+        read, which the hub then writes once per client.
+
+        Raises:
+            ServiceUnavailable: the bus is not connected.
+        """
+        if self.publisher is None:
+            raise ServiceUnavailable()
+        self.publisher.send_unanswered(b"PUBLISH", channel, data)
 
     async def subscribe(self, channel: bytes) -> None:
         """Count one more local interest in `channel`; return once Redis delivers it here.
@@ -128,18 +142,21 @@ class Bus:
         if self.subscriber is not None:
             self.subscriber.send_quiet(b"UNSUBSCRIBE", channel)
 
-    def _on_push(self, reply: list[Any]) -> None:
-        kind = reply[0]
-        if kind == _MESSAGE:
-            self.on_message(reply[1], reply[2])
-        elif kind == _SUBSCRIBE:
-            waiters = self.confirmations.get(reply[1])
-            if waiters:
-                waiter = waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                if not waiters:
-                    del self.confirmations[reply[1]]
+    def _on_push(self, replies: list[list[Any]]) -> None:
+        messages = []
+        for kind, channel, data in replies:
+            if kind == _MESSAGE:
+                messages.append((channel, data))
+            elif kind == _SUBSCRIBE:
+                waiters = self.confirmations.get(channel)
+                if waiters:
+                    waiter = waiters.popleft()
+                    if not waiter.done():
+                        waiter.set_result(None)
+                    if not waiters:
+                        del self.confirmations[channel]
+        if messages:
+            self.on_messages(messages)
 
     def _on_lost(self, link: Link) -> None:
         if link is self.publisher:
@@ -197,7 +214,7 @@ class Bus:
             self._set_state()
         return True
 
-    async def _open(self, on_push: Callable[[list[Any]], None] | None) -> Link:
+    async def _open(self, on_push: Callable[[list[list[Any]]], None] | None) -> Link:
         # Pub/sub ignores database numbers, so no SELECT.
         return await open_link(
             self.address,

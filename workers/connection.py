@@ -123,18 +123,26 @@ class Connection:
         compression frame it again. There is no backpressure here: a client whose unsent
         data exceeds `server.buffer_output_size` is closed as a slow consumer instead.
         """
+        if not self.deflate:
+            self.write(wire)
+            return
         socket = self.socket
         if socket.protocol.state is not OPEN:
             return
-        transport = self.transport
-        if self.deflate:
-            if text:
-                socket.protocol.send_text(payload)
-            else:
-                socket.protocol.send_binary(payload)
-            socket.send_data()
+        if text:
+            socket.protocol.send_text(payload)
         else:
-            transport.write(wire)
+            socket.protocol.send_binary(payload)
+        socket.send_data()
+        if self.transport.get_write_buffer_size() > self.hub.buffer_limit:
+            self.cut_off()
+
+    def write(self, wire: bytes) -> None:
+        """Write whole pre-built frames (one or several), for a client without compression."""
+        if self.socket.protocol.state is not OPEN:
+            return
+        transport = self.transport
+        transport.write(wire)
         if transport.get_write_buffer_size() > self.hub.buffer_limit:
             self.cut_off()
 

@@ -179,34 +179,46 @@ class Hub:
                     conn.push(wire, payload, True)
         for wid, cids in by_worker.items():
             envelope = msgpack.packb((True, payload, cids))
-            await self.bus.publish(self.keys.bus_worker(wid), envelope)
+            self.bus.post(self.keys.bus_worker(wid), envelope)
         return len(connections)
 
     async def _publish(self, channel: bytes, payload: bytes, exclude: Connection | None) -> None:
         envelope = msgpack.packb((True, payload, exclude.id if exclude else None))
-        await self.bus.publish(channel, envelope)
+        self.bus.post(channel, envelope)
 
-    def on_message(self, channel: bytes, data: bytes) -> None:
-        """Deliver one bus message to the local recipients (called by the bus)."""
-        text, payload, target = msgpack.unpackb(data)
-        wire = protocol.frame(payload, text=text)
+    def deliver(self, messages: list[tuple[bytes, bytes]]) -> None:
+        """Deliver bus messages, all those of one read from Redis, to local recipients.
+
+        Each message is framed once. A client's frames from the whole batch are joined
+        and written at once, in order: under load this turns one send() per message and
+        client into one per batch and client, which is what bounds fan-out.
+        """
         local = self.local
-        if channel == self.worker_channel:
-            for cid in target:
-                conn = local.get(cid)
-                if conn is not None:
+        bus_all = self.keys.bus_all
+        outbox: dict[Connection, list[bytes]] = {}
+        for channel, data in messages:
+            text, payload, target = msgpack.unpackb(data)
+            wire = protocol.frame(payload, text=text)
+            excluded = None
+            if channel == self.worker_channel:
+                recipients: Any = [local[cid] for cid in target if cid in local]
+            else:
+                recipients = local.values() if channel == bus_all else self.topics.get(channel)
+                if not recipients:
+                    continue
+                if target is not None:
+                    excluded = local.get(target)
+            for conn in recipients:
+                if conn is excluded:
+                    continue
+                if conn.deflate:
                     conn.push(wire, payload, text)
-            return
-        if channel == self.keys.bus_all:
-            members: Any = local.values()
-        else:
-            members = self.topics.get(channel)
-            if not members:
-                return
-        excluded = local.get(target) if target is not None else None
-        for conn in members:
-            if conn is not excluded:
-                conn.push(wire, payload, text)
+                elif (frames := outbox.get(conn)) is None:
+                    outbox[conn] = [wire]
+                else:
+                    frames.append(wire)
+        for conn, frames in outbox.items():
+            conn.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     # Queries
 

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 _CONNECT_TIMEOUT = 2.0
 
-OnPush = Callable[[list[Any]], None]
+OnPush = Callable[[list[list[Any]]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +66,8 @@ class RedisAddress:
 
 class Link(asyncio.Protocol):
     """One RESP2 connection. Replies resolve futures in order; push messages (pub/sub)
-    go to `on_push` when one is given.
+    go to `on_push` when one is given, all those of one read together, so that the
+    receiver can write what they carry once per client rather than once per message.
     """
 
     def __init__(
@@ -77,7 +78,8 @@ class Link(asyncio.Protocol):
         encoding: str | None,
     ) -> None:
         self.reader = hiredis.Reader(encoding=encoding) if encoding else hiredis.Reader()
-        self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # None stands for a reply nobody waits for (see send_unanswered).
+        self.pending: collections.deque[asyncio.Future[Any] | None] = collections.deque()
         self.outbox: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.on_push = on_push
@@ -94,27 +96,30 @@ class Link(asyncio.Protocol):
         reader = self.reader
         reader.feed(data)
         on_push = self.on_push
+        pushed: list[list[Any]] = []
         while (reply := reader.gets()) is not False:
             if on_push is not None and type(reply) is list and reply[0] in self.push_kinds:
-                try:
-                    on_push(reply)
-                except Exception:
-                    logger.exception("redis push handler failed")
+                pushed.append(reply)
                 continue
             self.replies += 1
             waiter = self.pending.popleft()
-            if waiter.done():
+            if waiter is None or waiter.done():
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 waiter.set_exception(reply)
             else:
                 waiter.set_result(reply)
+        if pushed and on_push is not None:
+            try:
+                on_push(pushed)
+            except Exception:
+                logger.exception("redis push handler failed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         while self.pending:
             waiter = self.pending.popleft()
-            if not waiter.done():
+            if waiter is not None and not waiter.done():
                 waiter.set_exception(ServiceUnavailable())
                 waiter.exception()  # its caller may be gone: never "never retrieved"
         if self.on_lost is not None:
@@ -130,6 +135,15 @@ class Link(asyncio.Protocol):
         waiter: asyncio.Future[Any] = self.loop.create_future()
         self.pending.append(waiter)
         return waiter
+
+    def send_unanswered(self, *args: Any) -> None:
+        """Queue one command whose reply is not wanted (an error reply is dropped too).
+
+        Raises:
+            ServiceUnavailable: the connection is closed.
+        """
+        self.send_quiet(*args)
+        self.pending.append(None)
 
     def send_quiet(self, *args: Any) -> None:
         """Queue a command whose only replies are push messages (SUBSCRIBE, UNSUBSCRIBE)."""

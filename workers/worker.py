@@ -95,7 +95,7 @@ class Worker:
         keys = Keys(config.redis.prefix)
         client = connect(self.redis_url)
         registry = Registry(client, keys, self.node_id, self.id)
-        bus = Bus(RedisAddress.from_url(self.redis_url), self._on_bus_message, self._on_bus_state)
+        bus = Bus(RedisAddress.from_url(self.redis_url), self._on_bus_messages, self._on_bus_state)
         self.hub = Hub(
             keys,
             registry,
@@ -310,8 +310,8 @@ class Worker:
                 elif silent >= interval and socket.protocol.state is OPEN:
                     conn.transport.write(protocol.PING_FRAME)
 
-    def _on_bus_message(self, channel: bytes, data: bytes) -> None:
-        self.hub.on_message(channel, data)
+    def _on_bus_messages(self, messages: list[tuple[bytes, bytes]]) -> None:
+        self.hub.deliver(messages)
 
     def _on_bus_state(self, up: bool) -> None:
         if up:

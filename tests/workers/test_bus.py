@@ -18,8 +18,8 @@ class Inbox:
         self.states: list[bool] = []
         self.arrived = asyncio.Event()
 
-    def on_message(self, channel: bytes, data: bytes) -> None:
-        self.messages.append((channel, data))
+    def on_messages(self, messages: list[tuple[bytes, bytes]]) -> None:
+        self.messages.extend(messages)
         self.arrived.set()
 
     async def wait_for(self, count: int) -> None:
@@ -33,7 +33,7 @@ async def test_subscribe_is_confirmed_then_every_message_arrives_in_order(
     redis_server: RedisServer,
 ) -> None:
     inbox = Inbox()
-    bus = Bus(RedisAddress.from_url(redis_server.url), inbox.on_message, inbox.states.append)
+    bus = Bus(RedisAddress.from_url(redis_server.url), inbox.on_messages, inbox.states.append)
     await bus.start()
     try:
         await bus.subscribe(b"t:a")
@@ -50,7 +50,7 @@ async def test_subscribe_is_confirmed_then_every_message_arrives_in_order(
 
 async def test_subscriptions_are_counted(redis_server: RedisServer) -> None:
     inbox = Inbox()
-    bus = Bus(RedisAddress.from_url(redis_server.url), inbox.on_message)
+    bus = Bus(RedisAddress.from_url(redis_server.url), inbox.on_messages)
     await bus.start()
     try:
         await asyncio.gather(bus.subscribe(b"t:b"), bus.subscribe(b"t:b"))
@@ -67,7 +67,7 @@ async def test_subscriptions_are_counted(redis_server: RedisServer) -> None:
 
 async def test_reconnects_and_resubscribes_after_redis_restarts(own_redis: RedisServer) -> None:
     inbox = Inbox()
-    bus = Bus(RedisAddress.from_url(own_redis.url), inbox.on_message, inbox.states.append)
+    bus = Bus(RedisAddress.from_url(own_redis.url), inbox.on_messages, inbox.states.append)
     await bus.start()
     try:
         await bus.subscribe(b"t:c")
