@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -87,6 +88,9 @@ class Master:
                 "embedded" if self.embedded else self.redis_url,
                 self.config.redis.prefix,
             )
+            # Objects the workers inherit stay out of the collector's sight, so a
+            # collection in a worker does not copy the master's pages it shares.
+            gc.freeze()
             for slot in range(server.worker_num):
                 self._spawn(slot)
             while self.children or not self.stopping:

@@ -2,10 +2,13 @@
 
 Servers: the plain-websockets peer, the Node ``ws`` peer, and shoal itself
 (``shoal serve``) with one worker and with one worker per CPU. Each server is
-pinned to CPU 0 and the load to CPU 1 with ``taskset`` (a 2-core machine);
-every run samples the server with ``--server-pid``. shoal's part is skipped
-with a message when ``shoal serve`` is unavailable. Run from the repository
-root: ``python -m shoal.bench.peers.compare``.
+pinned to CPU 0 and the load to CPU 1 with ``taskset`` (a 2-core machine),
+except shoal with a worker per CPU, which runs on every CPU, the load's
+included; every run samples the server with ``--server-pid``, so figures per
+server CPU-second stay comparable. shoal's part is skipped with a message when
+``shoal serve`` is unavailable. Run from the repository root:
+``python -m shoal.bench.peers.compare``. A section headed ``## Optimization
+log`` in the existing output file is kept, after the generated part.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
+LOG_HEADING = "## Optimization log"
 _READY_TIMEOUT_S = 30.0
 
 # (name, shoal-bench arguments, server runs in raw echo mode)
 SCENARIOS: list[tuple[str, list[str], bool]] = [
-    ("connect", ["connect", "-c", "1000"], False),
+    ("connect", ["connect", "-c", "3000"], False),
     ("echo", ["echo", "-c", "50", "--pipeline", "4"], False),
     ("echo-raw", ["echo", "--raw", "-c", "50", "--pipeline", "4"], True),
     ("fanout", ["fanout", "-c", "100", "--publishers", "2"], False),
@@ -48,6 +52,7 @@ class ServerSpec:
     command: list[str]
     echo_command: list[str]
     path: str = "/ws"
+    pinned: bool = True
 
 
 def _printable(command: list[str]) -> str:
@@ -109,7 +114,7 @@ def _shoal_spec(name: str, workers: int, port: int, workdir: Path) -> ServerSpec
         path.write_text(text)
         return ["shoal", "serve", "--config", str(path)]
 
-    return ServerSpec(name, config(False), config(True))
+    return ServerSpec(name, config(False), config(True), pinned=workers == 1)
 
 
 def _specs(port: int, workdir: Path) -> tuple[list[ServerSpec], list[str]]:
@@ -133,7 +138,8 @@ def _specs(port: int, workdir: Path) -> tuple[list[ServerSpec], list[str]]:
 def _run_one(
     spec: ServerSpec, args: list[str], echo: bool, port: int, common: list[str], *, out: Path
 ) -> tuple[dict[str, Any] | None, str]:
-    server = subprocess.Popen(_pin("0", spec.echo_command if echo else spec.command))
+    command = spec.echo_command if echo else spec.command
+    server = subprocess.Popen(_pin("0", command) if spec.pinned else command)
     try:
         _wait_listening(port, server)
         url = f"ws://127.0.0.1:{port}{spec.path}"
@@ -265,7 +271,17 @@ def write_markdown(
     if problems or notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in notes], *problems]
     lines += ["", "## Commands", "", "```", *commands, "```", ""]
-    path.write_text("\n".join(lines))
+    log = _kept_log(path)
+    path.write_text("\n".join(lines) + (f"\n{log}" if log else ""))
+
+
+def _kept_log(path: Path) -> str:
+    """The hand-written ``## Optimization log`` section of an earlier page, if any."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    start = text.find(LOG_HEADING)
+    return text[start:] if start >= 0 else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -284,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in notes:
             print(note, file=sys.stderr)
         for spec in specs:
-            commands.append(f"# server {spec.name}: {_printable(_pin('0', spec.command))}")
+            shown = _pin("0", spec.command) if spec.pinned else spec.command
+            commands.append(f"# server {spec.name}: {_printable(shown)}")
             results[spec.name] = {}
             for name, bench_args, echo in SCENARIOS:
                 out = Path(tmp) / f"{spec.name}-{name}.json"
