@@ -229,17 +229,18 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def client(url: str, *, welcome: bool = True) -> AsyncIterator[Client]:
+async def client(url: str, *, welcome: str | None = "welcome") -> AsyncIterator[Client]:
+    """A connected client; it first waits for a message of type `welcome` (None: none)."""
     async with connect(url, open_timeout=10 * SCALE, close_timeout=2) as ws:
         c = Client(ws)
         if welcome:
-            c.welcome = await c.expect("welcome")
+            c.welcome = await c.expect(welcome)
         yield c
 
 
 @contextlib.asynccontextmanager
 async def clients_on_workers(
-    shoal: Shoal, users: list[str], workers: int = 2
+    shoal: Shoal, users: list[str], workers: int = 2, *, welcome: str = "welcome"
 ) -> AsyncIterator[list[Client]]:
     """One client per user, arranged so that they do not all land on one worker.
 
@@ -251,7 +252,7 @@ async def clients_on_workers(
         seen: set[str] = set()
         for _ in range(200):
             user = users[len(chosen)]
-            c = await stack.enter_async_context(client(shoal.url(f"{user}")))
+            c = await stack.enter_async_context(client(shoal.url(user), welcome=welcome))
             remaining = len(users) - len(chosen)
             missing = workers - len(seen)
             if c.worker in seen and missing >= remaining:

@@ -61,11 +61,19 @@ def _printable(command: list[str]) -> str:
     for arg in command:
         if arg == sys.executable:
             shown.append("python")
+        elif Path(arg).parent == Path(sys.executable).parent:
+            shown.append(Path(arg).name)
         elif os.path.isabs(arg) and Path(arg).exists():
             shown.append(os.path.relpath(arg))
         else:
             shown.append(arg)
     return shlex.join(shown)
+
+
+def _tool(name: str) -> str | None:
+    """A console script of this installation: beside this Python first, then on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
 
 
 def _free_port() -> int:
@@ -94,30 +102,25 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
 
 def _shoal_available() -> str | None:
     """None when ``shoal serve`` works, else the reason it is skipped."""
-    if shutil.which("shoal") is None:
+    shoal = _tool("shoal")
+    if shoal is None:
         return "the `shoal` command is not installed"
-    probe = subprocess.run(["shoal", "serve", "--help"], capture_output=True, check=False)
+    probe = subprocess.run([shoal, "serve", "--help"], capture_output=True, check=False)
     if probe.returncode != 0:
         return "`shoal serve` is not available yet in this checkout"
     return None
 
 
-def _shoal_spec(name: str, workers: int, port: int, workdir: Path) -> ServerSpec:
-    def config(echo: bool) -> list[str]:
-        path = workdir / f"{name}{'-echo' if echo else ''}.yaml"
-        text = (
-            f"server:\n  host: 127.0.0.1\n  port: {port}\n  worker_num: {workers}\n"
-            "log:\n  level: warning\n"
-        )
-        if echo:
-            text += "app:\n  module: echo\n"
-        path.write_text(text)
-        return ["shoal", "serve", "--config", str(path)]
+def _shoal_spec(name: str, workers: int, port: int) -> ServerSpec:
+    def command(echo: bool) -> list[str]:
+        shoal = _tool("shoal") or "shoal"
+        flags = ["--host", "127.0.0.1", "--port", str(port), "--worker-num", str(workers)]
+        return [shoal, "serve", *flags, "--log-level", "warning", *(["--app", "echo"] * echo)]
 
-    return ServerSpec(name, config(False), config(True), pinned=workers == 1)
+    return ServerSpec(name, command(False), command(True), pinned=workers == 1)
 
 
-def _specs(port: int, workdir: Path) -> tuple[list[ServerSpec], list[str]]:
+def _specs(port: int) -> tuple[list[ServerSpec], list[str]]:
     py = [sys.executable, "-m", "shoal.bench.peers.websockets_peer", "--port", str(port)]
     node = ["node", str(NODE_DIR / "server.js"), "--port", str(port)]
     specs = [ServerSpec("websockets", py, [*py, "--echo"])]
@@ -128,8 +131,8 @@ def _specs(port: int, workdir: Path) -> tuple[list[ServerSpec], list[str]]:
         notes.append(f"node-ws skipped: run `npm install` in {NODE_DIR.name}/ first")
     reason = _shoal_available()
     if reason is None:
-        specs.append(_shoal_spec("shoal-1w", 1, port, workdir))
-        specs.append(_shoal_spec(f"shoal-{os.cpu_count()}w", os.cpu_count() or 1, port, workdir))
+        specs.append(_shoal_spec("shoal-1w", 1, port))
+        specs.append(_shoal_spec(f"shoal-{os.cpu_count()}w", os.cpu_count() or 1, port))
     else:
         notes.append(f"shoal skipped: {reason}")
     return specs, notes
@@ -146,7 +149,7 @@ def _run_one(
         bench = _pin(
             "1",
             [
-                "shoal-bench",
+                _tool("shoal-bench") or "shoal-bench",
                 *args,
                 "--url",
                 url,
@@ -194,6 +197,41 @@ _COLUMNS = [
 ]
 
 
+# (what, scenario, metric, shoal's server, peer or None, lowest ratio or highest value)
+_TARGETS = [
+    ("fan-out deliveries per server CPU-second, shoal / Node ws", "fanout",
+     ("server", "received_per_cpu_second"), "node-ws", 1.0),
+    ("chat echo per server CPU-second, shoal / plain websockets", "echo",
+     ("server", "received_per_cpu_second"), "websockets", 0.8),
+]  # fmt: skip
+_MAX_IDLE_KIB = 16.0
+
+
+def _targets(results: dict[str, dict[str, dict[str, Any] | None]]) -> list[str]:
+    """The issue's targets for shoal with one worker, met or missed, in this run."""
+    shoal = results.get("shoal-1w")
+    if shoal is None:
+        return []
+    lines = ["## Against the targets (shoal with one worker)", ""]
+    for title, scenario, metric, peer, lowest in _TARGETS:
+        mine = _metric(shoal.get(scenario), *metric)
+        theirs = _metric(results.get(peer, {}).get(scenario), *metric)
+        if mine is None or not theirs:
+            lines.append(f"- {title}: not measured")
+            continue
+        ratio = mine / theirs
+        verdict = "met" if ratio >= lowest else "missed"
+        lines.append(f"- {title}: {ratio:.2f} (target at least {lowest:g}): {verdict}")
+    rss = _metric(shoal.get("connect"), "server", "memory_per_connection_kib", "rss")
+    if rss is not None:
+        verdict = "met" if rss <= _MAX_IDLE_KIB else "missed"
+        lines.append(
+            f"- idle memory per connection: {rss:.1f} KiB RSS "
+            f"(target at most {_MAX_IDLE_KIB:g}): {verdict}"
+        )
+    return [*lines, ""]
+
+
 def _machine() -> list[str]:
     cpu = platform.processor()
     try:
@@ -227,9 +265,14 @@ def write_markdown(
     lines = [
         "# shoal performance",
         "",
-        "Generated by `python -m shoal.bench.peers.compare`.",
-        "Server pinned to CPU 0, load (one `shoal-bench` process) to CPU 1.",
+        "Generated by `python -m shoal.bench.peers.compare`. Each server is pinned to CPU 0",
+        "and the load (one `shoal-bench` process) to CPU 1, except shoal with one worker per",
+        "CPU, which runs on every CPU. shoal uses its embedded Redis, whose CPU and memory",
+        "count as the server's. Figures per server CPU-second compare servers that use",
+        "different amounts of CPU; deliveries per second show what the one load process",
+        "could take in.",
         "",
+        *_targets(results),
         "## Machine",
         "",
         *_machine(),
@@ -296,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, dict[str, dict[str, Any] | None]] = {}
     commands: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        specs, notes = _specs(port, Path(tmp))
+        specs, notes = _specs(port)
         for note in notes:
             print(note, file=sys.stderr)
         for spec in specs:

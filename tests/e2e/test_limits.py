@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import SCALE, Shoal, client
 from websockets.exceptions import ConnectionClosed
+
+from support import SCALE, Shoal, client
 
 
 def raw_websocket(port: int, path: str = "/ws", rcvbuf: int | None = None) -> socket.socket:
@@ -149,7 +150,7 @@ async def test_idle_client_is_closed_and_pinged_client_is_not(
 
 
 async def test_invalid_user_id_is_refused_with_1008(shoal: Shoal) -> None:
-    async with client(shoal.url("bad%21user"), welcome=False) as bad:
+    async with client(shoal.url("bad%21user"), welcome=None) as bad:
         with pytest.raises(ConnectionClosed):
             await bad.recv()
         assert bad.ws.close_code == 1008

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import SCALE, SHOAL, RedisServer, Shoal, client, clients_on_workers, wait_until
 from websockets.exceptions import ConnectionClosed
+
+from support import SCALE, SHOAL, RedisServer, Shoal, client, clients_on_workers, wait_until
 
 
 def test_version() -> None:
@@ -185,6 +186,16 @@ def test_port_taken_is_a_clear_error(tmp_path: Path, settings: dict[str, Any]) -
         assert node.wait(15) == 1
     assert "server.port: cannot listen on 127.0.0.1" in node.log()
     assert "Address already in use" in node.log()
+
+
+def test_missing_redis_server_binary_is_a_clear_error(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    settings["redis"] = {"url": "embedded", "server_bin": "no-such-redis-server"}
+    node = Shoal(tmp_path, settings).start(wait=False)
+    assert node.wait(15) == 1
+    assert "'no-such-redis-server' is not on PATH" in node.log()
+    assert "apt-get install redis-server" in node.log()
 
 
 def test_unreachable_redis_is_a_clear_error(tmp_path: Path, settings: dict[str, Any]) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from support import SCALE, RedisServer
 
 from shoal.server.errors import ServiceUnavailable
 from shoal.workers.bus import Bus
 from shoal.workers.resp import RedisAddress
+
+from support import SCALE, RedisServer
 
 
 class Inbox:

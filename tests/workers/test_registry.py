@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from support import RedisServer
 
 from shoal.workers.keys import Keys, TopicKind
 from shoal.workers.registry import Registry, Snapshot, connect
+
+from support import RedisServer
 
 
 @pytest.fixture

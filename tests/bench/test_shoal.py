@@ -1,0 +1,57 @@
+"""shoal-bench against a live shoal (two workers, real Redis): known counts, exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shoal.bench.cli import main
+from shoal.bench.summary import EXIT_OK
+
+from support import SCALE, Shoal, wait_until
+
+_SHORT = ["--duration", "1", "--warmup", "0.2", "--processes", "2", "--drain", str(5 * SCALE)]
+
+
+def _run(tmp_path: Path, *argv: str) -> dict[str, object]:
+    out = tmp_path / "result.json"
+    code = main([*argv, *_SHORT, "--json", str(out)])
+    run: dict[str, object] = json.loads(out.read_text())["runs"][0]
+    assert code == EXIT_OK, run["problems"]
+    return run
+
+
+@pytest.mark.parametrize(
+    ("scenario", "flags", "receivers_per_message"),
+    [
+        ("fanout", ["-c", "6", "--publishers", "2"], 6),
+        ("broadcast", ["-c", "4", "--publishers", "2"], 3),
+        ("private", ["-c", "4"], 1),
+    ],
+)
+def test_streams_against_shoal_deliver_exactly(
+    tmp_path: Path, shoal: Shoal, scenario: str, flags: list[str], receivers_per_message: int
+) -> None:
+    run = _run(tmp_path, scenario, "--url", shoal.url(), "--rate", "200", *flags)
+    integrity = run["integrity"]
+    assert isinstance(integrity, dict)
+    assert integrity["expected"] == integrity["sent"] * receivers_per_message > 0
+    assert integrity["received"] == integrity["expected"]
+    for name in ("lost", "duplicates", "reorders", "gap_events", "unexpected", "mismatches"):
+        assert integrity[name] == 0, name
+
+
+def test_echo_and_connect_against_shoal(tmp_path: Path, shoal: Shoal) -> None:
+    run = _run(tmp_path, "echo", "--url", shoal.url(), "-c", "4", "--pipeline", "2")
+    assert run["integrity"]["mismatches"] == 0  # type: ignore[index]
+    assert run["traffic"]["received"] > 0  # type: ignore[index]
+    run = _run(
+        tmp_path, "connect", "--url", shoal.url(), "-c", "40", "--server-pid", str(shoal.pid)
+    )
+    assert run["connections"]["connected"] == 40  # type: ignore[index]
+    assert run["connections"]["failed"] == {}  # type: ignore[index]
+    assert run["server"]["memory_per_connection_kib"]["rss"] is not None  # type: ignore[index]
+    # They were all closed again, and shoal forgot them.
+    wait_until(lambda: shoal.health()["connections"] == 0, 5, "connections to close")  # type: ignore[index]

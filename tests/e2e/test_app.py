@@ -1,0 +1,105 @@
+"""A user's own application, loaded through app.module, written on the App API."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import Shoal, client, clients_on_workers
+
+APP = textwrap.dedent(
+    """
+    from typing import Any
+
+    from shoal.server import protocol
+    from shoal.server.app import App, Connection
+    from shoal.server.errors import ProtocolError
+
+    app = App()
+
+
+    @app.on_open
+    async def hello(conn: Connection) -> None:
+        await conn.send({"type": "hello", "user_id": conn.user_id, "connection_id": conn.id,
+                         "greeting": app.settings["greeting"]})
+
+
+    @app.on("shout")
+    async def shout(conn: Connection, message: dict[str, Any]) -> None:
+        text = message.get("text")
+        if not isinstance(text, str):
+            raise ProtocolError("Invalid text")
+        await conn.hub.broadcast({"type": "shout", "from": conn.user_id, "text": text})
+
+
+    @app.on("join")
+    async def join(conn: Connection, message: dict[str, Any]) -> None:
+        room = protocol.name_field(message, "room")
+        members = await conn.join(room)
+        await conn.send({"type": "joined", "members": members})
+        await conn.hub.publish(room, {"type": "arrived", "user_id": conn.user_id}, exclude=conn)
+
+
+    @app.on("crash")
+    async def crash(conn: Connection, message: dict[str, Any]) -> None:
+        raise RuntimeError("a bug in the handler")
+    """
+)
+
+
+@pytest.fixture
+def custom_app(tmp_path: Path, settings: dict[str, Any]) -> Iterator[Shoal]:
+    (tmp_path / "myapp.py").write_text(APP)
+    settings["app"] = {"module": "myapp:app", "greeting": "ahoy"}
+    old = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = f"{tmp_path}:{old}"
+    node = Shoal(tmp_path, settings).start()
+    os.environ["PYTHONPATH"] = old
+    yield node
+    node.stop()
+
+
+async def test_custom_app_on_the_app_api(custom_app: Shoal) -> None:
+    async with clients_on_workers(custom_app, ["ann", "bo"], welcome="hello") as (ann, bo):
+        assert ann.welcome["greeting"] == "ahoy" and ann.user_id == "ann"
+        await ann.send({"type": "shout", "text": "hey"})
+        for c in (ann, bo):  # on both workers, the sender included
+            assert await c.expect("shout") == {"type": "shout", "from": "ann", "text": "hey"}
+        assert await ann.request({"type": "shout", "text": 1}, "error") == {
+            "type": "error",
+            "message": "Invalid text",
+        }
+        await ann.request({"type": "join", "room": "r"}, "joined")
+        assert (await bo.request({"type": "join", "room": "r"}, "joined"))["members"] == [
+            "ann",
+            "bo",
+        ]
+        assert await ann.expect("arrived") == {"type": "arrived", "user_id": "bo"}
+        # A bug in a handler: logged, answered, and the connection lives on.
+        assert await ann.request({"type": "crash"}, "error") == {
+            "type": "error",
+            "message": "Internal error",
+        }
+        assert (await ann.request({"type": "nope"}, "error"))["message"] == "Unknown message type"
+        await ann.ws.send(b"\x01")
+        assert (await ann.expect("error"))["message"] == "Binary frames are not supported"
+    log = custom_app.log()
+    assert "handler failed" in log and "a bug in the handler" in log
+
+
+async def test_json_logs(tmp_path: Path, settings: dict[str, Any]) -> None:
+    settings["log"] = {"level": "info", "format": "json"}
+    node = Shoal(tmp_path, settings).start()
+    async with client(node.url("ann")):
+        pass
+    node.stop()
+    lines = [json.loads(line) for line in node.log().splitlines()]
+    assert {line["role"] for line in lines} >= {"master", "worker 0", "worker 1"}
+    assert all({"time", "level", "pid", "logger", "message"} <= set(line) for line in lines)
+    assert any("stopped" in line["message"] for line in lines)
