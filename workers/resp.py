@@ -159,7 +159,9 @@ class Link(asyncio.Protocol):
             self.transport.write(b"".join(outbox))
 
     def close(self) -> None:
+        """Close after writing what is queued (asyncio flushes its buffer before closing)."""
         if self.transport is not None:
+            self._flush()
             self.transport.close()
 
 
