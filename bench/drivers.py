@@ -89,6 +89,17 @@ class Driver:
     def _server_error(self, message: dict[str, Any]) -> None:
         self.result.server_errors[str(message.get("message", "error"))] += 1
 
+    def _decode(self, payload: bytes) -> dict[str, Any] | None:
+        """The JSON object in ``payload``; anything else counts as a mismatch (None)."""
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            message = None
+        if not isinstance(message, dict):
+            self.result.mismatches += 1
+            return None
+        return message
+
 
 class EchoDriver(Driver):
     """Each connection keeps ``pipeline`` messages in flight; replies must match."""
@@ -119,13 +130,8 @@ class EchoDriver(Driver):
 
     def on_message(self, client: Client, payload: bytes) -> None:
         now = time.monotonic_ns()
-        try:
-            message = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            self.result.mismatches += 1
-            return
-        if not isinstance(message, dict):
-            self.result.mismatches += 1
+        message = self._decode(payload)
+        if message is None:
             return
         if not self.plan.raw:
             if message.get("type") == "error":
@@ -236,12 +242,10 @@ class StreamDriver(Driver):
 
     def on_message(self, client: Client, payload: bytes) -> None:
         now = time.monotonic_ns()
-        try:
-            message = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            self.result.mismatches += 1
+        message = self._decode(payload)
+        if message is None:
             return
-        kind = message.get("type") if isinstance(message, dict) else None
+        kind = message.get("type")
         if kind in self._DELIVERY_TYPES:
             body = message.get("message")
             if not isinstance(body, dict):

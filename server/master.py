@@ -204,12 +204,14 @@ class Master:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             logs.set_role(f"worker {slot}")
             status = worker.run(
-                config=self.config,
-                slot=slot,
-                node_id=self.node_id,
-                redis_url=self.redis_url,
-                scoreboard=self.scoreboard,
-                master_pid=os.getppid(),
+                worker.Placement(
+                    self.config,
+                    slot,
+                    self.node_id,
+                    self.redis_url,
+                    self.scoreboard,
+                    master_pid=os.getppid(),
+                )
             )
         except BaseException:
             traceback.print_exc()

@@ -14,6 +14,7 @@ import re
 import secrets
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs
 
@@ -62,24 +63,27 @@ def user_from(path: str) -> str | None:
     return values[0]
 
 
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """What the master gives a worker it forks."""
+
+    config: Config
+    slot: int
+    node_id: str
+    redis_url: str
+    scoreboard: Scoreboard
+    master_pid: int
+
+
 class Worker:
-    def __init__(
-        self,
-        *,
-        config: Config,
-        slot: int,
-        node_id: str,
-        redis_url: str,
-        scoreboard: Scoreboard,
-        master_pid: int,
-    ) -> None:
-        self.config = config
-        self.slot = slot
-        self.node_id = node_id
-        self.redis_url = redis_url
-        self.scoreboard = scoreboard
-        self.master_pid = master_pid
-        self.id = worker_id(node_id, slot, os.getpid())
+    def __init__(self, placement: Placement) -> None:
+        config = self.config = placement.config
+        self.slot = placement.slot
+        self.node_id = placement.node_id
+        self.redis_url = placement.redis_url
+        self.scoreboard = placement.scoreboard
+        self.master_pid = placement.master_pid
+        self.id = worker_id(self.node_id, self.slot, os.getpid())
         self.app = app_api.load(config.app.module, config.app.settings)
         self.sequence = 0
         self.redis_state_up = True
@@ -340,26 +344,10 @@ class Worker:
             logger.warning("worker %s stopped before its state was removed: %r", self.id, exc)
 
 
-def run(
-    *,
-    config: Config,
-    slot: int,
-    node_id: str,
-    redis_url: str,
-    scoreboard: Scoreboard,
-    master_pid: int,
-) -> int:
+def run(placement: Placement) -> int:
     """Run a worker in this (freshly forked) process. Returns its exit status."""
     try:
-        worker = Worker(
-            config=config,
-            slot=slot,
-            node_id=node_id,
-            redis_url=redis_url,
-            scoreboard=scoreboard,
-            master_pid=master_pid,
-        )
-        return uvloop.run(worker.run())
+        return uvloop.run(Worker(placement).run())
     except BootError as exc:
-        logger.error("worker %d cannot start: %s", slot, exc)
+        logger.error("worker %d cannot start: %s", placement.slot, exc)
         return EXIT_BOOT
