@@ -82,16 +82,6 @@ class Bus:
             if link is not None:
                 link.close()
 
-    def publish(self, channel: bytes, data: bytes) -> asyncio.Future[Any]:
-        """Publish `data` on `channel`; the future gives the number of receivers.
-
-        Raises:
-            ServiceUnavailable: the bus is not connected.
-        """
-        if self.publisher is None:
-            raise ServiceUnavailable()
-        return self.publisher.send(b"PUBLISH", channel, data)
-
     def post(self, channel: bytes, data: bytes) -> None:
         """Publish `data` on `channel` without waiting for Redis's reply.
 
