@@ -73,12 +73,7 @@ class Hub:
         """Forget a local connection: leave what it is still in, remove its state."""
         self.local.pop(conn.id, None)
         for channel in self._bus_channels(conn):
-            members = self.topics.get(channel)
-            if members is not None and conn in members:
-                members.discard(conn)
-                if not members:
-                    del self.topics[channel]
-                self.bus.unsubscribe(channel)
+            self._detach(conn, channel)
         conn.rooms.clear()
         conn.channels.clear()
         await self.registry.remove_connection(conn.id)
@@ -88,6 +83,15 @@ class Hub:
         return [keys.bus_topic(TopicKind.ROOM, name) for name in conn.rooms] + [
             keys.bus_topic(TopicKind.CHANNEL, name) for name in conn.channels
         ]
+
+    def _detach(self, conn: Connection, channel: bytes) -> None:
+        """Take `conn` off a channel's local members; drop this worker's interest in it."""
+        members = self.topics.get(channel)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self.topics[channel]
+        self.bus.unsubscribe(channel)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run a background task, keeping a reference until it ends."""
@@ -129,13 +133,7 @@ class Hub:
         if name not in names:
             raise ProtocolError("Not in room" if kind is TopicKind.ROOM else "Not subscribed")
         names.discard(name)
-        channel = self.keys.bus_topic(kind, name)
-        members = self.topics.get(channel)
-        if members is not None:
-            members.discard(conn)
-            if not members:
-                del self.topics[channel]
-        self.bus.unsubscribe(channel)
+        self._detach(conn, self.keys.bus_topic(kind, name))
         return list(dict.fromkeys(await self.registry.leave(kind, name, conn.id)))
 
     # Cluster-wide delivery
