@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -265,16 +265,3 @@ async def clients_on_workers(
         else:  # pragma: no cover - SO_REUSEPORT would have to be broken
             raise AssertionError(f"clients never spread over {workers} workers")
         yield chosen
-
-
-def redis_keys(server: RedisServer, prefix: str) -> set[str]:
-    return set(server.client().keys(f"{prefix}:*"))
-
-
-@contextlib.contextmanager
-def shoal_node(directory: Path, settings: dict[str, Any]) -> Iterator[Shoal]:
-    node = Shoal(directory, settings).start()
-    try:
-        yield node
-    finally:
-        node.stop()

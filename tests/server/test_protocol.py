@@ -37,13 +37,14 @@ def test_ping_frame() -> None:
 
 def test_fields() -> None:
     assert protocol.name_field({"room": "r"}, "room") == "r"
-    for bad, message in [
+    cases: list[tuple[dict[str, object], str]] = [
         ({}, "Missing room"),
         ({"room": None}, "Missing room"),
         ({"room": ""}, "Invalid room"),
         ({"room": 3}, "Invalid room"),
         ({"room": "x" * 257}, "Invalid room"),
-    ]:
+    ]
+    for bad, message in cases:
         with pytest.raises(ProtocolError, match=message):
             protocol.name_field(bad, "room")
     assert protocol.field({"message": 0}, "message") == 0
