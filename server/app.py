@@ -29,13 +29,15 @@ from typing import Any, TypeVar
 
 from shoal.server.errors import BootError, ConfigError
 from shoal.workers.connection import Connection
+from shoal.workers.hub import Hub
 
-__all__ = ["App", "Connection", "check", "load", "resolve"]
+__all__ = ["App", "Connection", "Hub", "check", "load", "resolve"]
 
 OpenHandler = Callable[[Connection], Awaitable[None]]
 MessageHandler = Callable[[Connection, dict[str, Any]], Awaitable[None]]
 FrameHandler = Callable[[Connection, str | bytes], Awaitable[None]]
 BinaryHandler = Callable[[Connection, bytes], Awaitable[None]]
+DepartedHandler = Callable[[Hub, str, list[str]], Awaitable[None]]
 _F = TypeVar("_F", bound=Callable[..., Awaitable[None]])
 
 BUILTIN = {
@@ -60,6 +62,7 @@ class App:
         self.default_handler: MessageHandler | None = None
         self.binary_handler: BinaryHandler | None = None
         self.frame_handler: FrameHandler | None = None
+        self.departed_handler: DepartedHandler | None = None
 
     def on_open(self, handler: OpenHandler) -> OpenHandler:
         """Run after a client connected and its state is in Redis."""
@@ -72,6 +75,16 @@ class App:
         Rooms and channels the handler does not leave are left afterwards, silently.
         """
         self.close_handler = handler
+        return handler
+
+    def on_departed(self, handler: DepartedHandler) -> DepartedHandler:
+        """Run as `handler(hub, user_id, rooms)` for each connection that vanished with a
+        worker or node that died: no `on_close` ran for it, and its state is already gone.
+
+        It runs on one live worker of the node that cleaned up after the dead one, so that
+        the application can tell the rooms, as `on_close` does for an ordinary close.
+        """
+        self.departed_handler = handler
         return handler
 
     def on(self, message_type: str) -> Callable[[_F], _F]:

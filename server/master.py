@@ -31,7 +31,7 @@ from shoal.server.errors import ConfigError, ServiceUnavailable, ShoalError
 from shoal.server.scoreboard import Scoreboard
 from shoal.workers import worker
 from shoal.workers.keys import Keys
-from shoal.workers.registry import Registry, connect
+from shoal.workers.registry import Departure, Registry, connect
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Master:
         self.failure: str | None = None
         self.boot_failures = 0
         self.next_sweep = 0.0
+        self.untold: list[Departure] = []
         self._wakeup_r, self._wakeup_w = -1, -1
 
     # Entry point
@@ -290,14 +291,42 @@ class Master:
                     self._fail(str(exc))
         if now >= self.next_sweep:
             self._sweep()
+        if self.untold:
+            self._tell([])
 
     # Redis housekeeping
 
     def _forget(self, wid: str) -> None:
         try:
-            asyncio.run(self._with_registry(lambda registry: registry.forget_worker(wid)))
+            departed = asyncio.run(
+                self._with_registry(lambda registry: registry.forget_worker(wid))
+            )
         except ServiceUnavailable:
             logger.warning("redis unreachable: worker %s is left to the sweep", wid)
+            return
+        self._tell(departed)
+
+    def _tell(self, departed: list[Departure]) -> None:
+        """Have a live worker of this node run the app's `on_departed` for `departed`.
+
+        With no worker ready (a one-worker node whose worker is being respawned), the
+        notice waits for the next one that is.
+        """
+        self.untold += departed
+        if not self.untold or self.stopping:
+            return
+        ready = [c.id for c in self.children.values() if self.scoreboard.is_ready(c.slot)]
+        if not ready:
+            return
+        untold, self.untold = self.untold, []
+        try:
+            asyncio.run(
+                self._with_registry(lambda registry: registry.tell_departures(ready[0], untold))
+            )
+        except ServiceUnavailable:
+            logger.warning(
+                "redis unreachable: the rooms of %d departed users are not told", len(untold)
+            )
 
     def _sweep(self) -> None:
         """Remove the state of dead workers, on any node, whose heartbeat expired."""
@@ -309,6 +338,7 @@ class Master:
             return
         if swept:
             logger.info("swept state of dead workers: %s", ", ".join(swept))
+            self._tell([departure for departed in swept.values() for departure in departed])
 
     async def _with_registry(self, operation: Callable[[Registry], Awaitable[_T]]) -> _T:
         """Run one registry operation on a short-lived client: the master holds no

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
-
-import msgpack
 
 from shoal.server import protocol
 from shoal.server.errors import ProtocolError
+from shoal.workers import envelope
 from shoal.workers.bus import Bus
 from shoal.workers.connection import Connection
 from shoal.workers.keys import Keys, TopicKind
 from shoal.workers.registry import Registry
+
+# Called with the users of connections a cleanup removed: [(user_id, [room, ...]), ...].
+OnDeparted = Callable[[list[tuple[str, list[str]]]], None]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class Hub:
         self.local: dict[str, Connection] = {}
         self.topics: dict[bytes, set[Connection]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.on_departed: OnDeparted | None = None
 
     # Lifecycle of local connections
 
@@ -176,13 +179,11 @@ class Hub:
                 if conn is not None:
                     conn.push(wire, payload, True)
         for wid, cids in by_worker.items():
-            envelope = msgpack.packb((True, payload, cids))
-            self.bus.post(self.keys.bus_worker(wid), envelope)
+            self.bus.post(self.keys.bus_worker(wid), envelope.message(payload, cids))
         return len(connections)
 
     async def _publish(self, channel: bytes, payload: bytes, exclude: Connection | None) -> None:
-        envelope = msgpack.packb((True, payload, exclude.id if exclude else None))
-        self.bus.post(channel, envelope)
+        self.bus.post(channel, envelope.message(payload, exclude.id if exclude else None))
 
     def deliver(self, messages: list[tuple[bytes, bytes]]) -> None:
         """Deliver bus messages, all those of one read from Redis, to local recipients.
@@ -195,7 +196,11 @@ class Hub:
         bus_all = self.keys.bus_all
         outbox: dict[Connection, list[bytes]] = {}
         for channel, data in messages:
-            text, payload, target = msgpack.unpackb(data)
+            text, payload, target = envelope.unpack(data)
+            if type(text) is str:
+                if text == envelope.DEPARTED and self.on_departed is not None:
+                    self.on_departed(payload)
+                continue
             wire = protocol.frame(payload, text=text)
             excluded = None
             if channel == self.worker_channel:
@@ -219,6 +224,10 @@ class Hub:
             conn.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     # Queries
+
+    async def room_members(self, room: str) -> list[str]:
+        """The user ids in a room, across workers and nodes, each once."""
+        return await self.registry.members(TopicKind.ROOM, room)
 
     async def presence(self, room: str | None = None) -> list[dict[str, Any]]:
         return await self.registry.presence(room)

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from shoal.workers.envelope import departures
 from shoal.workers.keys import CHANNEL_FIELD, ROOM_FIELD, Keys, TopicKind
 from shoal.workers.resp import Client, RedisAddress
 
@@ -58,6 +59,14 @@ class Snapshot:
     meta: dict[str, Any] | None
     rooms: Iterable[str] = ()
     channels: Iterable[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Departure:
+    """A connection a cleanup removed: whose it was and which rooms it was in."""
+
+    user: str
+    rooms: tuple[str, ...]
 
 
 @dataclass(slots=True)
@@ -110,7 +119,7 @@ class Registry:
 
     async def remove_connection(self, cid: str) -> bool:
         """Remove a connection and every trace of it. False if it was already gone."""
-        return await remove_connection(self.redis, self.keys, cid)
+        return await remove_connection(self.redis, self.keys, cid) is not None
 
     async def join(self, kind: TopicKind, name: str, cid: str, user: str) -> list[str]:
         """Add a connection to a room or channel. Returns the members' user ids."""
@@ -138,6 +147,10 @@ class Registry:
             ]
         )
         return list(results[-1])
+
+    async def members(self, kind: TopicKind, name: str) -> list[str]:
+        """The user ids of a room's or channel's members, each once."""
+        return list(dict.fromkeys(await self.redis.execute("HVALS", self.keys.topic(kind, name))))
 
     async def set_metadata(self, cid: str, metadata: dict[str, Any]) -> None:
         await self.redis.execute("HSET", self.keys.conn(cid), "meta", orjson.dumps(metadata))
@@ -209,41 +222,48 @@ class Registry:
             ]
             await self.redis.pipeline(commands)
 
-    async def forget_worker(self, wid: str) -> int:
-        """Remove a worker that is gone and all its connections. Returns how many."""
+    async def forget_worker(self, wid: str) -> list[Departure]:
+        """Remove a worker that is gone and all its connections. Returns those removed."""
         return await forget_worker(self.redis, self.keys, wid)
 
-    async def sweep(self) -> list[str]:
+    async def sweep(self) -> dict[str, list[Departure]]:
         """Remove the state of every worker whose heartbeat expired, on any node.
 
-        Returns the ids of the workers swept by this call.
+        Returns, for each worker swept by this call, the connections removed.
         """
         workers: list[str] = await self.redis.execute("HKEYS", self.keys.workers)
         if not workers:
-            return []
+            return {}
         alive = await self.redis.pipeline([("EXISTS", self.keys.alive(w)) for w in workers])
-        swept = []
+        swept = {}
         for wid, is_alive in zip(workers, alive, strict=True):
             # HDEL is the claim: of several nodes sweeping at once, one cleans each worker.
             if not is_alive and await self.redis.execute("HDEL", self.keys.workers, wid):
-                await forget_worker(self.redis, self.keys, wid, deregister=False)
-                swept.append(wid)
+                swept[wid] = await forget_worker(self.redis, self.keys, wid, deregister=False)
         return swept
 
+    async def tell_departures(self, wid: str, departed: list[Departure]) -> None:
+        """Ask worker `wid` to let the application tell the rooms of `departed` users."""
+        envelope = departures((d.user, d.rooms) for d in departed)
+        await self.redis.execute("PUBLISH", self.keys.bus_worker(wid), envelope)
 
-async def remove_connection(client: Client, keys: Keys, cid: str) -> bool:
+
+async def remove_connection(client: Client, keys: Keys, cid: str) -> Departure | None:
+    """Remove a connection's state. None if another caller removed it first."""
     key = keys.conn(cid)
     *_, (flat, deleted) = await client.pipeline(
         [("MULTI",), ("HGETALL", key), ("DEL", key), ("EXEC",)]
     )
     record = _pairs(flat)
     if not deleted or "user" not in record:
-        return False
+        return None
     user = record["user"]
     commands: list[Command] = []
+    rooms = []
     for name in record:
         if name.startswith(ROOM_FIELD):
-            commands.append(("HDEL", keys.topic(TopicKind.ROOM, name[len(ROOM_FIELD) :]), cid))
+            rooms.append(name[len(ROOM_FIELD) :])
+            commands.append(("HDEL", keys.topic(TopicKind.ROOM, rooms[-1]), cid))
         elif name.startswith(CHANNEL_FIELD):
             commands.append(
                 ("HDEL", keys.topic(TopicKind.CHANNEL, name[len(CHANNEL_FIELD) :]), cid)
@@ -254,20 +274,25 @@ async def remove_connection(client: Client, keys: Keys, cid: str) -> bool:
         ("EVAL", _DECR_USER, 1, keys.users, user),
     ]
     await client.pipeline(commands)
-    return True
+    return Departure(user, tuple(rooms))
 
 
-async def forget_worker(client: Client, keys: Keys, wid: str, *, deregister: bool = True) -> int:
-    """Remove every connection `wid` held, then (with `deregister`) the worker itself."""
+async def forget_worker(
+    client: Client, keys: Keys, wid: str, *, deregister: bool = True
+) -> list[Departure]:
+    """Remove every connection `wid` held, then (with `deregister`) the worker itself.
+
+    Returns the connections this call removed.
+    """
     cids: list[str] = await client.execute("HKEYS", keys.worker_conns(wid))
-    removed = 0
+    removed: list[Departure] = []
     for start in range(0, len(cids), _BATCH):
         batch = cids[start : start + _BATCH]
         results = await asyncio.gather(*(remove_connection(client, keys, cid) for cid in batch))
-        removed += sum(results)
+        removed += [departure for departure in results if departure is not None]
     await client.execute("DEL", keys.worker_conns(wid))
     if deregister:
         await client.pipeline([("HDEL", keys.workers, wid), ("DEL", keys.alive(wid))])
     if removed:
-        logger.info("removed %d connections of worker %s from redis", removed, wid)
+        logger.info("removed %d connections of worker %s from redis", len(removed), wid)
     return removed

@@ -107,6 +107,7 @@ class Worker:
             buffer_limit=config.server.buffer_output_size,
             close_timeout=config.server.close_timeout,
         )
+        self.hub.on_departed = self._departed
         await bus.start()
         if not bus.up:
             raise BootError(f"redis: cannot reach {bus.address}")
@@ -313,6 +314,23 @@ class Worker:
                         self.hub.spawn(conn.close(CloseCode.IDLE_TIMEOUT, "idle timeout"))
                 elif silent >= interval and socket.protocol.state is OPEN:
                     conn.transport.write(protocol.PING_FRAME)
+
+    def _departed(self, departed: list[tuple[str, list[str]]]) -> None:
+        handler = self.app.departed_handler
+        if handler is None:
+            return
+        for user, rooms in departed:
+            self.hub.spawn(self._run_departed(handler, user, rooms))
+
+    async def _run_departed(
+        self, handler: app_api.DepartedHandler, user: str, rooms: list[str]
+    ) -> None:
+        try:
+            await handler(self.hub, user, rooms)
+        except ServiceUnavailable:
+            logger.warning("redis unavailable while telling the rooms of departed user %s", user)
+        except Exception:
+            logger.exception("on_departed failed for user %s", user)
 
     def _on_bus_messages(self, messages: list[tuple[bytes, bytes]]) -> None:
         self.hub.deliver(messages)

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from shoal.server import protocol
-from shoal.server.app import App, Connection
+from shoal.server.app import App, Connection, Hub
 from shoal.server.errors import ProtocolError
 from shoal.workers.keys import TopicKind
 
@@ -49,6 +49,26 @@ async def goodbye(conn: Connection) -> None:
             {"type": "user_disconnected", "user_id": conn.user_id, "total_users": total},
             exclude=conn,
         )
+
+
+@app.on_departed
+async def departed(hub: Hub, user_id: str, rooms: list[str]) -> None:
+    """A worker or node died with this user's connection: tell its rooms, as on close."""
+    for room in rooms:
+        remaining = await hub.room_members(room)
+        if remaining:
+            await hub.publish(
+                room,
+                {
+                    "type": "user_left_room",
+                    "user_id": user_id,
+                    "room": room,
+                    "total_members": len(remaining),
+                },
+            )
+    if _announce():
+        total = await hub.total_users()
+        await hub.broadcast({"type": "user_disconnected", "user_id": user_id, "total_users": total})
 
 
 @app.on("broadcast")

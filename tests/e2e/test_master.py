@@ -85,6 +85,13 @@ async def test_kill_9_of_a_worker_respawns_it_and_leaves_no_ghosts(
             )
 
         wait_until(no_ghosts, 3, "the dead worker's state to be removed")
+        # Its room is told, as for any close.
+        assert await ann.expect("user_left_room") == {
+            "type": "user_left_room",
+            "user_id": "bo",
+            "room": "r",
+            "total_members": 1,
+        }
         everyone = await ann.request({"type": "presence"}, "presence")
         assert [u["user_id"] for u in everyone["users"]] == ["ann"]
         wait_until(lambda: shoal.health(expect_ok=True), 5, "both workers up again")
@@ -121,6 +128,8 @@ async def test_kill_9_of_a_whole_node_is_swept_by_another(
             assert redis.hkeys(f"{prefix}:users") == ["ann"]
             assert len(redis.hkeys(f"{prefix}:workers")) == 2  # the survivor's two
             assert "swept state of dead workers" in survivor.log()
+            left = await ann.expect("user_left_room")
+            assert (left["user_id"], left["room"], left["total_members"]) == ("bo", "r", 1)
     finally:
         survivor.stop()
         doomed.stop()
@@ -236,3 +245,23 @@ async def test_embedded_redis_by_default(tmp_path: Path) -> None:
         node.stop()
     assert node.process is not None and node.process.returncode == 0
     assert not Path(f"/proc/{redis_pid[0]}").exists()
+
+
+async def test_one_worker_node_tells_rooms_once_its_worker_is_back(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    settings["server"]["worker_num"] = 1
+    node = Shoal(tmp_path, settings).start()
+    other = Shoal(tmp_path / "other", settings).start()
+    try:
+        async with client(other.url("ann")) as ann, client(node.url("bo")) as bo:
+            await ann.request({"type": "join_room", "room": "r"}, "joined_room")
+            await bo.request({"type": "join_room", "room": "r"}, "joined_room")
+            await ann.expect("user_joined_room")
+            os.kill(node.worker_pids()[0], signal.SIGKILL)
+            # The node's only worker is gone; the notice waits for the new one.
+            left = await ann.expect("user_left_room", timeout=10)
+            assert (left["user_id"], left["total_members"]) == ("bo", 1)
+    finally:
+        node.stop()
+        other.stop()

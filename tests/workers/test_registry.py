@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from shoal.workers.keys import Keys, TopicKind
-from shoal.workers.registry import Registry, Snapshot, connect
+from shoal.workers.registry import Departure, Registry, Snapshot, connect
 
 from support import RedisServer
 
@@ -63,8 +63,8 @@ async def test_sweep_removes_only_workers_whose_heartbeat_expired(
     redis = redis_server.client()
     redis.delete(f"{prefix}:alive:n2.0.2")  # as if its TTL ran out
 
-    assert await live.sweep() == ["n2.0.2"]
-    assert await live.sweep() == []
+    assert await live.sweep() == {"n2.0.2": [Departure("bo", ("r",))]}
+    assert await live.sweep() == {}
     assert redis.hgetall(f"{prefix}:room:r") == {"c1": "ann"}
     assert redis.hkeys(f"{prefix}:users") == ["ann"]
     assert redis.hkeys(f"{prefix}:workers") == ["n1.0.1"]
