@@ -11,6 +11,7 @@ import itertools
 import multiprocessing
 import socket
 from multiprocessing.process import BaseProcess
+from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
@@ -57,6 +58,11 @@ class _Session(WSListener):
         for room in self.rooms:
             hub.rooms.get(room, set()).discard(transport)
 
+    def _stream(self, kind: str, message: dict[str, Any], **extra: Any) -> bytes:
+        """A delivery of ``message``'s payload from this session's user."""
+        body = {"type": kind, "from": self.user, **extra, "message": message["message"]}
+        return orjson.dumps({**body, "timestamp": 0})
+
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
@@ -79,38 +85,16 @@ class _Session(WSListener):
             reply = {"type": "joined_room", "room": room, "members": []}
             transport.send(WSMsgType.TEXT, orjson.dumps(reply))
         elif kind == "room_message":
-            out = orjson.dumps(
-                {
-                    "type": "room_message",
-                    "from": self.user,
-                    "room": message["room"],
-                    "message": message["message"],
-                    "timestamp": 0,
-                }
-            )
+            out = self._stream("room_message", message, room=message["room"])
             for member in hub.rooms.get(message["room"], ()):
                 member.send(WSMsgType.TEXT, out)
         elif kind == "broadcast":
-            out = orjson.dumps(
-                {
-                    "type": "broadcast",
-                    "from": self.user,
-                    "message": message["message"],
-                    "timestamp": 0,
-                }
-            )
+            out = self._stream("broadcast", message)
             for other in hub.everyone:
                 if other is not transport:
                     other.send(WSMsgType.TEXT, out)
         elif kind == "private":
-            out = orjson.dumps(
-                {
-                    "type": "private_message",
-                    "from": self.user,
-                    "message": message["message"],
-                    "timestamp": 0,
-                }
-            )
+            out = self._stream("private_message", message)
             for target in hub.users.get(message["to"], ()):
                 target.send(WSMsgType.TEXT, out)
             transport.send(WSMsgType.TEXT, b'{"type":"message_sent","to":"x","timestamp":0}')
