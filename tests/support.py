@@ -154,11 +154,13 @@ class Shoal:
         assert self.process is not None
         return self.process.pid
 
-    def worker_pids(self) -> list[int]:
+    def child_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True)
-        pids = [int(p) for p in out.stdout.split()]
+        return [int(p) for p in out.stdout.split()]
+
+    def worker_pids(self) -> list[int]:
         # The embedded Redis is a child too; workers are the children running Python.
-        return [p for p in pids if "redis" not in Path(f"/proc/{p}/comm").read_text()]
+        return [p for p in self.child_pids() if "redis" not in _comm(p)]
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
@@ -181,6 +183,13 @@ class Shoal:
                         os.kill(pid, signal.SIGKILL)
                 self.process.kill()
                 self.process.wait()
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text()
+    except OSError:
+        return ""  # it just exited
 
 
 class Client:

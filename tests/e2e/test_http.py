@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -122,5 +124,36 @@ async def test_redis_outage_is_reported_and_survived(
             assert [u["user_id"] for u in presence["users"]] == ["ann", "bo"]
         log = node.log()
         assert "lost; reconnecting" in log and "reconnected" in log and "Traceback" not in log
+    finally:
+        node.stop()
+
+
+async def test_embedded_redis_that_dies_is_restarted(tmp_path: Path) -> None:
+    node = Shoal(tmp_path, {"server": {"worker_num": 2}, "redis": {"heartbeat_ttl": 3}})
+    node.start()
+    try:
+        async with clients_on_workers(node, ["ann", "bo"]) as (ann, bo):
+            await ann.request({"type": "join_room", "room": "r"}, "joined_room")
+            await bo.request({"type": "join_room", "room": "r"}, "joined_room")
+            await ann.expect("user_joined_room")
+            (redis_pid,) = set(node.child_pids()) - set(node.worker_pids())
+            os.kill(redis_pid, signal.SIGKILL)
+            wait_until(lambda: redis_pid not in node.child_pids(), 5, "redis to die")
+            # The master starts a new one; the workers reconnect and write their state back.
+            wait_until(lambda: node.health(expect_ok=True), 15, "/healthz to recover")
+
+            async def presence() -> list[str]:
+                reply = await bo.request({"type": "presence", "room": "r"}, "presence")
+                return [u["user_id"] for u in reply["users"]]
+
+            for _ in range(100):
+                if await presence() == ["ann", "bo"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert await presence() == ["ann", "bo"]
+            await ann.send({"type": "room_message", "room": "r", "message": "still here"})
+            for c in (ann, bo):
+                assert (await c.expect("room_message"))["message"] == "still here"
+        assert "embedded redis exited" in node.log()
     finally:
         node.stop()

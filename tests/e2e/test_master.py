@@ -233,13 +233,7 @@ async def test_embedded_redis_by_default(tmp_path: Path) -> None:
         async with clients_on_workers(node, ["ann", "bo"]) as (ann, bo):
             await ann.send({"type": "private", "to": "bo", "message": "hi"})
             assert (await bo.expect("private_message"))["message"] == "hi"
-        redis_pid = [
-            p
-            for p in subprocess.run(
-                ["pgrep", "-P", str(node.pid)], capture_output=True, text=True
-            ).stdout.split()
-            if "redis" in Path(f"/proc/{p}/comm").read_text()
-        ]
+        redis_pid = list(set(node.child_pids()) - set(node.worker_pids()))
         assert len(redis_pid) == 1
     finally:
         node.stop()
