@@ -338,6 +338,8 @@ class Worker:
     def _on_bus_state(self, up: bool) -> None:
         if up:
             logger.info("redis bus connected")
+            # Redis may have come back empty: check now rather than at the next beat.
+            self.hub.spawn(self._refresh_heartbeat())
 
     async def _shutdown(self, server: Server) -> None:
         """Stop accepting, close every client with 1001, remove this worker's state."""
