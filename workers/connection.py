@@ -149,6 +149,7 @@ class Connection:
     def cut_off(self) -> None:
         if self.closing:
             return
+        self.closing = True  # before the task runs: more deliveries may come first
         logger.warning(
             "closing %s as a slow consumer: %d bytes unsent",
             self.id,
