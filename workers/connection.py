@@ -147,15 +147,19 @@ class Connection:
             self.cut_off()
 
     def cut_off(self) -> None:
-        if self.closing:
-            return
-        self.closing = True  # before the task runs: more deliveries may come first
-        logger.warning(
-            "closing %s as a slow consumer: %d bytes unsent",
-            self.id,
-            self.transport.get_write_buffer_size(),
-        )
-        self.hub.spawn(self.close(CloseCode.SLOW_CONSUMER, "slow consumer"))
+        if not self.closing:
+            logger.warning(
+                "closing %s as a slow consumer: %d bytes unsent",
+                self.id,
+                self.transport.get_write_buffer_size(),
+            )
+            self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer")
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Start closing in the background, once: later calls do nothing."""
+        if not self.closing:
+            self.closing = True  # before the task runs: more deliveries may come first
+            self.hub.spawn(self.close(code, reason))
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection; the server's close handling then runs as for any close."""

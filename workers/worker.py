@@ -310,8 +310,7 @@ class Worker:
                 socket = conn.socket
                 silent = now - socket.last_seen
                 if silent >= idle_time:
-                    if not conn.closing:
-                        self.hub.spawn(conn.close(CloseCode.IDLE_TIMEOUT, "idle timeout"))
+                    conn.close_soon(CloseCode.IDLE_TIMEOUT, "idle timeout")
                 elif silent >= interval and socket.protocol.state is OPEN:
                     conn.transport.write(protocol.PING_FRAME)
 
