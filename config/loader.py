@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from shoal.config.model import Config
-from shoal.server.errors import ConfigError
+from shoal.core.errors import ConfigError
 
 ENV_PREFIX = "SHOAL_"
 

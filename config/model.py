@@ -101,6 +101,11 @@ class RedisConfig(_Section):
     prefix: str = "shoal"
     heartbeat_ttl: Annotated[float, Field(ge=2.0)] = 10.0
     server_bin: str = "redis-server"
+    connect_timeout: PositiveFloat = 2.0
+    stall_timeout: PositiveFloat = 1.0
+    socket_timeout: PositiveFloat = 5.0
+    health_check_interval: PositiveFloat = 3.0
+    max_write_buffer: Annotated[int, Field(ge=64 * 1024)] = 32 * 1024 * 1024
 
     @field_validator("url")
     @classmethod
@@ -119,6 +124,23 @@ class RedisConfig(_Section):
         if not _PREFIX.fullmatch(value):
             raise ValueError("must be 1-64 letters, digits, '_', '.' or '-' (no ':')")
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RedisConfig:
+        if self.stall_timeout >= self.socket_timeout:
+            raise ValueError(
+                f"stall_timeout ({self.stall_timeout:g}) must be less than socket_timeout "
+                f"({self.socket_timeout:g}): a stalled connection refuses new commands "
+                "before it is given up"
+            )
+        if self.socket_timeout + self.health_check_interval >= self.heartbeat_ttl:
+            raise ValueError(
+                f"socket_timeout + health_check_interval ({self.socket_timeout:g} + "
+                f"{self.health_check_interval:g}) must be less than heartbeat_ttl "
+                f"({self.heartbeat_ttl:g}): a worker must notice a dead Redis connection "
+                "and reconnect before other nodes sweep its state"
+            )
+        return self
 
     @property
     def embedded(self) -> bool:

@@ -11,8 +11,8 @@ from typing import Any
 
 from shoal.config import loader
 from shoal.config.model import Config
-from shoal.server import app, logs
-from shoal.server.errors import ConfigError, ShoalError
+from shoal.core import app, logs
+from shoal.core.errors import ConfigError, ShoalError
 from shoal.server.master import Master
 
 EXIT_CONFIG = 2

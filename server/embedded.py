@@ -1,21 +1,26 @@
-"""The embedded Redis: a private `redis-server` on a unix socket, owned by the master.
+"""The embedded Redis: a private `redis-server` on a unix socket, a child of the master.
 
 It keeps nothing on disk and listens on no TCP port. It suits one node; several nodes
 must share a Redis of their own (`redis.url`).
+
+The master supervises it like its other children (`shoal.server.supervisor`): it is
+started first, stopped last, and started again if it dies. Only the first start waits
+for it to answer; a restart does not block the master, and the workers reconnect when
+it is up.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import redis
 
-from shoal.server.errors import ConfigError, ShoalError
+from shoal.core.errors import ConfigError, ShoalError
 
 logger = logging.getLogger(__name__)
 
@@ -34,72 +39,61 @@ class EmbeddedRedis:
         self.binary = path
         self.directory = Path(tempfile.mkdtemp(prefix="shoal-redis-"))
         self.socket = self.directory / "redis.sock"
-        self.process: subprocess.Popen[bytes] | None = None
+        self.log = self.directory / "redis.log"
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket}"
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid if self.process is not None else 0
+    def spawn(self) -> int:
+        """Start redis-server; return its pid. The caller reaps it."""
+        argv = [
+            self.binary,
+            "--port", "0",
+            "--unixsocket", str(self.socket),
+            "--unixsocketperm", "700",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.directory),
+            "--logfile", str(self.log),
+            "--daemonize", "no",
+        ]  # fmt: skip
+        return os.posix_spawn(
+            self.binary,
+            argv,
+            os.environ,
+            file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
+            # Its own session: Ctrl-C on the terminal must not stop it before the workers.
+            setsid=True,
+        )
 
-    def start(self) -> None:
-        """Start redis-server and wait until it answers PING.
+    def wait_ready(self, pid: int) -> None:
+        """Wait until the Redis started as `pid` answers PING (its first start only).
 
         Raises:
             ShoalError: it exited or did not answer in time; its log is quoted.
         """
-        log = self.directory / "redis.log"
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                "0",
-                "--unixsocket",
-                str(self.socket),
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-                "--logfile",
-                str(log),
-                "--daemonize",
-                "no",
-            ],
-            stdin=subprocess.DEVNULL,
-            # Its own session: Ctrl-C on the terminal must not stop it before the workers.
-            start_new_session=True,
-        )
         deadline = time.monotonic() + _START_TIMEOUT
         client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1.0)
         try:
             while time.monotonic() < deadline:
-                if self.process.poll() is not None:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
                     break
                 try:
                     if client.ping():
-                        logger.info("embedded redis started (pid %d, %s)", self.pid, self.url)
+                        logger.info("embedded redis started (pid %d, %s)", pid, self.url)
                         return
                 except redis.exceptions.ConnectionError:
                     time.sleep(0.02)
+            else:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
         finally:
             client.close()
-        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        self.stop()
+        tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
         raise ShoalError(f"embedded redis did not start:\n{tail}")
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5.0)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
+    def cleanup(self) -> None:
+        """Remove its directory, once it has exited."""
         shutil.rmtree(self.directory, ignore_errors=True)

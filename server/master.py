@@ -1,13 +1,17 @@
-"""The master process: validate once, fork workers, keep them alive, stop them cleanly.
+"""The master process: validate once, fork its children, keep them alive, stop them cleanly.
 
 Like gunicorn's arbiter, signal handlers only queue the signal; the main loop dispatches
-it to `handle_term`, `handle_hup` and so on, reaps children, respawns the dead, kills the
-silent, and sweeps Redis for the state of workers that died on any node.
+it, reaps children with `waitpid(-1)` (so that no process becomes a zombie when shoal
+runs as PID 1 in a container), and carries out what the supervision policy
+(`shoal.server.supervisor`) decides.
+
+The master talks to Redis only before it forks, to check it. After that, everything
+Redis must hear (a worker died) goes to the housekeeper child through a pipe: a hung
+Redis cannot delay a respawn, a signal or a stop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import gc
@@ -20,49 +24,53 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Callable
+
+import redis
 
 from shoal.config.model import Config
-from shoal.server import logs
+from shoal.core import logs
+from shoal.core.errors import ConfigError, ShoalError
+from shoal.core.resp import RedisAddress
+from shoal.core.schema import CloseCode
+from shoal.core.scoreboard import Scoreboard
+from shoal.server import housekeeper
 from shoal.server.embedded import EmbeddedRedis
-from shoal.server.errors import ConfigError, ServiceUnavailable, ShoalError
-from shoal.server.scoreboard import Scoreboard
+from shoal.server.supervisor import Action, Fail, Kind, Policy, Signal, Spawn, Supervisor
 from shoal.workers import worker
-from shoal.workers.keys import Keys
-from shoal.workers.registry import Departure, Registry, connect
 
 logger = logging.getLogger(__name__)
 
-_TICK = 0.5
-_MAX_BOOT_FAILURES = 3
+_TICK = 0.25
 EXIT_FAILURE = 1
-_T = TypeVar("_T")
-
-
-@dataclass(slots=True)
-class _Child:
-    slot: int
-    pid: int
-    id: str
+# Redis 6.2 brought SET ... GET, on which a worker's heartbeat learns in one round trip
+# whether its state was swept or lost while it was away.
+MIN_REDIS_VERSION = (6, 2)
 
 
 class Master:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.node_id = config.server.node_id or secrets.token_hex(3)
-        self.children: dict[int, _Child] = {}
-        self.scoreboard = Scoreboard(config.server.worker_num)
+        server = config.server
+        plan = {Kind.WEBSOCKET: server.worker_num, Kind.HOUSEKEEPER: 1}
+        if config.redis.embedded:
+            plan[Kind.REDIS] = 1
+        self.supervisor = Supervisor(
+            plan,
+            Policy(worker_timeout=server.worker_timeout),
+            boot_exit=worker.EXIT_BOOT,
+        )
+        # Two seats per worker: a rolling reload runs an old and a new one side by side.
+        self.scoreboard = Scoreboard(2 * server.worker_num + 2)
+        self.seats: dict[int, int] = {}
+        self.worker_ids: dict[int, str] = {}
         self.signals: collections.deque[int] = collections.deque()
         self.embedded: EmbeddedRedis | None = None
         self.redis_url = config.redis.url
-        self.stopping = False
-        self.stop_deadline = 0.0
-        self.failure: str | None = None
-        self.boot_failures = 0
-        self.next_sweep = 0.0
-        self.untold: list[Departure] = []
+        self.redis_started = False
+        self.dead_workers: list[str] = []
+        self.housekeeper_fd: int | None = None
         self._wakeup_r, self._wakeup_w = -1, -1
 
     # Entry point
@@ -75,9 +83,14 @@ class Master:
                 worker was started.
         """
         server = self.config.server
+        logs.set_role("master")
         _check_port_free(server.host, server.port)
+        if self.config.redis.embedded:
+            self.embedded = EmbeddedRedis(self.config.redis.server_bin)
+            self.redis_url = self.embedded.url
         try:
-            self._start_redis()
+            if self.embedded is None:
+                _check_redis(self.redis_url, self.config.redis.connect_timeout)
             self._install_signals()
             logger.info(
                 "shoal node %s: %d workers on ws://%s:%d%s, redis %s, prefix %r",
@@ -86,41 +99,29 @@ class Master:
                 server.host,
                 server.port,
                 server.path,
-                "embedded" if self.embedded else self.redis_url,
+                "embedded" if self.embedded else RedisAddress.from_url(self.redis_url),
                 self.config.redis.prefix,
             )
-            # Objects the workers inherit stay out of the collector's sight, so a
+            # Objects the children inherit stay out of the collector's sight, so a
             # collection in a worker does not copy the master's pages it shares.
             gc.freeze()
-            for slot in range(server.worker_num):
-                self._spawn(slot)
-            while self.children or not self.stopping:
+            self._execute(self.supervisor.start(time.monotonic()))
+            while self.supervisor.running():
                 self._wait()
                 while self.signals:
                     self._dispatch(self.signals.popleft())
                 self._reap()
-                self._maintain()
+                self._observe()
+                self._execute(self.supervisor.tick(time.monotonic()))
+                self._notify_housekeeper()
         finally:
             if self.embedded is not None:
-                self.embedded.stop()
-        if self.failure is not None:
-            logger.error("shoal stopped: %s", self.failure)
+                self.embedded.cleanup()
+        if self.supervisor.failure is not None:
+            logger.error("shoal stopped: %s", self.supervisor.failure)
             return EXIT_FAILURE
         logger.info("shoal node %s stopped", self.node_id)
         return 0
-
-    def _start_redis(self) -> None:
-        if self.config.redis.embedded:
-            self.embedded = EmbeddedRedis(self.config.redis.server_bin)
-            self.embedded.start()
-            self.redis_url = self.embedded.url
-            return
-        try:
-            asyncio.run(self._with_registry(Registry.ping))
-        except ServiceUnavailable as exc:
-            raise ShoalError(
-                f"redis.url: cannot connect to {self.redis_url}: {exc.__cause__}"
-            ) from exc
 
     # Signals
 
@@ -155,65 +156,89 @@ class Master:
         if signum == signal.SIGCHLD:
             return  # reaped on every turn of the loop
         if signum == signal.SIGHUP:
-            self.handle_hup()
-        else:
-            self.handle_term(signum)
-
-    def handle_term(self, signum: int) -> None:
-        """SIGTERM, SIGINT, SIGQUIT: stop gracefully; a second one stops at once."""
-        name = signal.Signals(signum).name
-        if self.stopping:
-            logger.warning("%s again: killing workers now", name)
-            self._signal_all(signal.SIGKILL)
+            logger.warning("SIGHUP: reloading is not supported in this version; ignoring")
             return
-        logger.info("%s: stopping; workers close their clients with 1001", name)
+        name = signal.Signals(signum).name
+        if self.supervisor.stopping:
+            logger.warning("%s again: killing every child now", name)
+        else:
+            logger.info("%s: stopping; workers close their clients with 1001", name)
         self._stop()
 
-    def handle_hup(self) -> None:
-        """SIGHUP: reloading is not supported yet, so it must not kill the server."""
-        logger.warning("SIGHUP: reloading is not supported in this version; ignoring")
-
     def _stop(self) -> None:
-        self.stopping = True
-        self.stop_deadline = time.monotonic() + self.config.server.shutdown_timeout
-        self._signal_all(signal.SIGTERM)
+        for pid, seat in self.seats.items():
+            if pid in self.worker_ids:
+                self.scoreboard.set_close_code(seat, CloseCode.GOING_AWAY)
+        now = time.monotonic()
+        self._execute(self.supervisor.stop(now, self.config.server.shutdown_timeout))
 
-    def _signal_all(self, signum: int) -> None:
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+    # Carrying out the policy
 
-    # Children
+    def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Spawn):
+                self._spawn(action)
+            elif isinstance(action, Signal):
+                self._signal(action)
+            elif isinstance(action, Fail):
+                logger.error("%s; stopping", action.reason)
+                self._stop()
 
-    def _spawn(self, slot: int) -> None:
+    def _signal(self, action: Signal) -> None:
+        child = self.supervisor.children.get(action.pid)
+        if action.signum in (signal.SIGABRT, signal.SIGKILL) and child is not None:
+            logger.error(
+                "%s %s; sending %s",
+                child.name,
+                action.why,
+                signal.Signals(action.signum).name,
+            )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(action.pid, action.signum)
+
+    def _spawn(self, spawn: Spawn) -> None:
+        now = time.monotonic()
+        if spawn.kind is Kind.REDIS:
+            assert self.embedded is not None
+            pid = self.embedded.spawn()
+            if not self.redis_started:
+                self.embedded.wait_ready(pid)
+                _check_redis(self.redis_url, self.config.redis.connect_timeout)
+                self.redis_started = True
+            else:
+                logger.info("embedded redis restarted (pid %d)", pid)
+            self.supervisor.started(spawn, pid, now)
+            return
+        seat = self.scoreboard.free_seat()
+        if spawn.kind is Kind.HOUSEKEEPER:
+            inbox, outbox = os.pipe2(os.O_CLOEXEC)
+            pid = self._fork(lambda: self._housekeeper(seat, inbox, outbox))
+            os.close(inbox)
+            os.set_blocking(outbox, False)
+            self._close_housekeeper_fd()
+            self.housekeeper_fd = outbox
+        else:
+            pid = self._fork(lambda: self._worker(spawn.slot, seat))
+            self.worker_ids[pid] = worker.worker_id(self.node_id, spawn.slot, pid)
+        self.scoreboard.claim(seat, pid, now, serving=spawn.kind is Kind.WEBSOCKET)
+        self.seats[pid] = seat
+        child = self.supervisor.started(spawn, pid, now)
+        logger.debug("started %s, generation %d", child.name, child.generation)
+
+    def _fork(self, body: Callable[[], int]) -> int:
         pid = os.fork()
-        if pid == 0:
-            self._become_worker(slot)
-        child = _Child(slot, pid, worker.worker_id(self.node_id, slot, pid))
-        self.children[pid] = child
-        self.scoreboard.claim(slot, pid, time.monotonic())
-        logger.debug("started worker %d (pid %d)", slot, pid)
-
-    def _become_worker(self, slot: int) -> None:
+        if pid:
+            return pid
         status = EXIT_FAILURE
         try:
             signal.set_wakeup_fd(-1)
             os.close(self._wakeup_r)
             os.close(self._wakeup_w)
+            self._close_housekeeper_fd()
             for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            logs.set_role(f"worker {slot}")
-            status = worker.run(
-                worker.Placement(
-                    self.config,
-                    slot,
-                    self.node_id,
-                    self.redis_url,
-                    self.scoreboard,
-                    master_pid=os.getppid(),
-                )
-            )
+            status = body()
         except BaseException:
             traceback.print_exc()
         finally:
@@ -221,133 +246,124 @@ class Master:
             sys.stderr.flush()
             os._exit(status)
 
+    def _worker(self, slot: int, seat: int) -> int:
+        logs.set_role(f"worker {slot}")
+        return worker.run(
+            worker.Placement(
+                self.config,
+                slot,
+                seat,
+                self.node_id,
+                self.redis_url,
+                self.scoreboard,
+                master_pid=os.getppid(),
+            )
+        )
+
+    def _housekeeper(self, seat: int, inbox: int, outbox: int) -> int:
+        os.close(outbox)
+        logs.set_role("housekeeper")
+        return housekeeper.run(
+            housekeeper.Placement(
+                self.config,
+                seat,
+                self.node_id,
+                self.redis_url,
+                self.scoreboard,
+                master_pid=os.getppid(),
+                inbox=inbox,
+            )
+        )
+
+    # Children that exit
+
     def _reap(self) -> None:
-        for pid in list(self.children):
+        while True:
             try:
-                done, status = os.waitpid(pid, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                done, status = pid, 0
-            if done:
-                self._exited(self.children.pop(pid), os.waitstatus_to_exitcode(status))
+                return
+            if pid == 0:
+                return
+            self._exited(pid, os.waitstatus_to_exitcode(status))
 
-    def _exited(self, child: _Child, code: int) -> None:
-        was_ready = self.scoreboard.is_ready(child.slot)
-        self.scoreboard.release(child.slot)
+    def _exited(self, pid: int, code: int) -> None:
+        seat = self.seats.pop(pid, None)
+        if seat is not None:
+            # It may have become ready since the last turn: read its seat before freeing it.
+            self.supervisor.observe(
+                pid, ready=self.scoreboard.is_ready(seat), beat=self.scoreboard.last_beat(seat)
+            )
+            self.scoreboard.release(seat)
+        wid = self.worker_ids.pop(pid, None)
+        exit_info, actions = self.supervisor.exited(pid, code, time.monotonic())
+        if exit_info is None:
+            logger.debug("reaped process %d (not a child of shoal's)", pid)
+            return
+        child = exit_info.child
+        if child.kind is Kind.HOUSEKEEPER:
+            self._close_housekeeper_fd()
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        if self.stopping:
-            logger.info("worker %d (pid %d) stopped: %s", child.slot, child.pid, how)
-        elif code == worker.EXIT_BOOT:
-            self._fail(f"worker {child.slot} could not start (see its error above)")
-        elif not was_ready:
-            self.boot_failures += 1
-            logger.error("worker %d (pid %d) died while starting: %s", child.slot, child.pid, how)
-            if self.boot_failures >= _MAX_BOOT_FAILURES:
-                self._fail(f"workers died while starting {self.boot_failures} times in a row")
-            else:
-                self._spawn(child.slot)
-        else:
-            logger.error("worker %d (pid %d) died: %s; respawning", child.slot, child.pid, how)
-            self._spawn(child.slot)
-        # After the respawn: the new process has a new worker id, so this cannot touch it.
-        self._forget(child.id)
-
-    def _fail(self, reason: str) -> None:
-        if self.failure is None:
-            self.failure = reason
-            logger.error("%s; stopping", reason)
-            self._stop()
-
-    def _maintain(self) -> None:
-        now = time.monotonic()
-        if self.stopping:
-            if now > self.stop_deadline and self.children:
-                logger.warning(
-                    "workers still running after server.shutdown_timeout; killing %d",
-                    len(self.children),
-                )
-                self._signal_all(signal.SIGKILL)
-                self.stop_deadline = float("inf")
-            return
-        timeout = self.config.server.worker_timeout
-        for child in self.children.values():
-            if self.scoreboard.is_ready(child.slot):
-                self.boot_failures = 0
-            silent = now - self.scoreboard.last_beat(child.slot)
-            if silent > timeout:
-                logger.error(
-                    "worker %d (pid %d) silent for %.0f s (server.worker_timeout); killing it",
-                    child.slot,
-                    child.pid,
-                    silent,
-                )
-                os.kill(child.pid, signal.SIGKILL)
-        if self.embedded is not None and self.embedded.process is not None:
-            code = self.embedded.process.poll()
-            if code is not None:
-                logger.error("embedded redis exited (status %s); restarting it", code)
-                try:
-                    self.embedded.start()
-                except ShoalError as exc:
-                    self._fail(str(exc))
-        if now >= self.next_sweep:
-            self._sweep()
-        if self.untold:
-            self._tell([])
-
-    # Redis housekeeping
-
-    def _forget(self, wid: str) -> None:
-        try:
-            departed = asyncio.run(
-                self._with_registry(lambda registry: registry.forget_worker(wid))
+        if exit_info.expected:
+            logger.info("%s stopped: %s", child.name, how)
+        elif self.supervisor.failure is None:
+            when = "while starting" if child.ready_at is None else ""
+            then = (
+                f"respawning in {exit_info.delay:.1f} s (crash loop)"
+                if exit_info.crash_loop
+                else "respawning"
             )
-        except ServiceUnavailable:
-            logger.warning("redis unreachable: worker %s is left to the sweep", wid)
-            return
-        self._tell(departed)
+            logger.error("%s died%s: %s; %s", child.name, f" {when}" if when else "", how, then)
+        if wid is not None:
+            self.dead_workers.append(wid)
+        self._execute(actions)
 
-    def _tell(self, departed: list[Departure]) -> None:
-        """Have a live worker of this node run the app's `on_departed` for `departed`.
-
-        With no worker ready (a one-worker node whose worker is being respawned), the
-        notice waits for the next one that is.
-        """
-        self.untold += departed
-        if not self.untold or self.stopping:
-            return
-        ready = [c.id for c in self.children.values() if self.scoreboard.is_ready(c.slot)]
-        if not ready:
-            return
-        untold, self.untold = self.untold, []
-        try:
-            asyncio.run(
-                self._with_registry(lambda registry: registry.tell_departures(ready[0], untold))
-            )
-        except ServiceUnavailable:
-            logger.warning(
-                "redis unreachable: the rooms of %d departed users are not told", len(untold)
+    def _observe(self) -> None:
+        for pid, seat in self.seats.items():
+            self.supervisor.observe(
+                pid,
+                ready=self.scoreboard.is_ready(seat),
+                beat=self.scoreboard.last_beat(seat),
             )
 
-    def _sweep(self) -> None:
-        """Remove the state of dead workers, on any node, whose heartbeat expired."""
-        self.next_sweep = time.monotonic() + self.config.redis.heartbeat_ttl / 2
-        try:
-            swept = asyncio.run(self._with_registry(Registry.sweep))
-        except ServiceUnavailable:
-            logger.debug("redis unreachable; sweep skipped")
-            return
-        if swept:
-            logger.info("swept state of dead workers: %s", ", ".join(swept))
-            self._tell([departure for departed in swept.values() for departure in departed])
+    # The housekeeper's inbox
 
-    async def _with_registry(self, operation: Callable[[Registry], Awaitable[_T]]) -> _T:
-        """Run one registry operation on a short-lived client: the master holds no
-        connection between turns, so nothing leaks into the workers it forks."""
-        client = connect(self.redis_url)
-        try:
-            return await operation(Registry(client, Keys(self.config.redis.prefix), self.node_id))
-        finally:
-            await client.close()
+    def _notify_housekeeper(self) -> None:
+        """Hand dead workers to the housekeeper; keep them while it is not there."""
+        while self.dead_workers and self.housekeeper_fd is not None:
+            try:
+                os.write(self.housekeeper_fd, self.dead_workers[0].encode() + b"\n")
+            except (BlockingIOError, BrokenPipeError):
+                return
+            self.dead_workers.pop(0)
+
+    def _close_housekeeper_fd(self) -> None:
+        if self.housekeeper_fd is not None:
+            os.close(self.housekeeper_fd)
+            self.housekeeper_fd = None
+
+
+def _check_redis(url: str, timeout: float) -> None:
+    """Check, before forking, that Redis answers and is recent enough.
+
+    Raises:
+        ShoalError: naming `redis.url`, without its password.
+    """
+    address = RedisAddress.from_url(url)
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        info = client.info("server")
+    except redis.RedisError as exc:
+        raise ShoalError(f"redis.url: cannot connect to {address}: {exc}") from exc
+    finally:
+        client.close()
+    version = str(info.get("redis_version", "0"))
+    parts = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if parts < MIN_REDIS_VERSION:
+        raise ShoalError(
+            f"redis.url: {address} runs Redis {version}; shoal needs "
+            f"{'.'.join(map(str, MIN_REDIS_VERSION))} or newer"
+        )
 
 
 def _check_port_free(host: str, port: int) -> None:

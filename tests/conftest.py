@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from support import RedisServer, Shoal
+from support import FAST_REDIS, RedisServer, Shoal
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +37,7 @@ def prefix() -> str:
 def settings(redis_server: RedisServer, prefix: str) -> dict[str, Any]:
     return {
         "server": {"worker_num": 2},
-        "redis": {"url": redis_server.url, "prefix": prefix, "heartbeat_ttl": 3},
+        "redis": {"url": redis_server.url, "prefix": prefix, **FAST_REDIS},
         "log": {"level": "info"},
     }
 

@@ -26,6 +26,14 @@ from websockets.asyncio.client import ClientConnection, connect
 # Every timeout in the tests is a multiple of this, so slow machines can stretch them.
 SCALE = float(os.environ.get("SHOALTEST_TIMEOUT_SCALE", "1"))
 SHOAL = [sys.executable, "-m", "shoal.server.cli"]
+# Redis timings short enough that sweeps and failure detection fit in a test, in the
+# order the config requires (stall < socket, socket + health check < heartbeat ttl).
+FAST_REDIS = {
+    "heartbeat_ttl": 3,
+    "stall_timeout": 0.5,
+    "socket_timeout": 1.5,
+    "health_check_interval": 1,
+}
 
 
 def free_port() -> int:
@@ -159,8 +167,17 @@ class Shoal:
         return [int(p) for p in out.stdout.split()]
 
     def worker_pids(self) -> list[int]:
-        # The embedded Redis is a child too; workers are the children running Python.
-        return [p for p in self.child_pids() if "redis" not in _comm(p)]
+        """The WebSocket workers: children titled `shoal: worker N`."""
+        return [p for p in self.child_pids() if _cmdline(p).startswith("shoal: worker")]
+
+    def housekeeper_pid(self) -> int:
+        (pid,) = [p for p in self.child_pids() if _cmdline(p).startswith("shoal: housekeeper")]
+        return pid
+
+    def redis_pid(self) -> int:
+        """The embedded Redis."""
+        (pid,) = [p for p in self.child_pids() if "redis-server" in _cmdline(p)]
+        return pid
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
@@ -185,9 +202,9 @@ class Shoal:
                 self.process.wait()
 
 
-def _comm(pid: int) -> str:
+def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/comm").read_text()
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""  # it just exited
 

@@ -10,24 +10,27 @@ from typing import TYPE_CHECKING, Any
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import OPEN
 
-from shoal.server import protocol
-from shoal.server.protocol import CloseCode
-from shoal.workers.keys import TopicKind
-from shoal.workers.registry import Snapshot
+from shoal.core import protocol
+from shoal.core.keys import TopicKind
+from shoal.core.registry import Snapshot
+from shoal.core.schema import CloseCode
 
 if TYPE_CHECKING:
+    from shoal.workers.admission import Admission
     from shoal.workers.hub import Hub
 
 logger = logging.getLogger(__name__)
 
 
 class Socket(ServerConnection):
-    """websockets' server connection, noting when the client last sent anything.
+    """websockets' server connection, noting when the client last sent anything, and
+    releasing its admission when the transport is gone.
 
     Any bytes count, pongs included, so a client that answers pings is never idle.
     """
 
     last_seen: float
+    admission: Admission | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -36,6 +39,12 @@ class Socket(ServerConnection):
     def data_received(self, data: bytes) -> None:
         self.last_seen = self.loop.time()
         super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        admission, self.admission = self.admission, None
+        if admission is not None:
+            admission.release()
+        super().connection_lost(exc)
 
 
 async def close_socket(socket: ServerConnection, code: int, reason: str, grace: float) -> None:

@@ -18,14 +18,15 @@ ProcessRequest = Callable[[ServerConnection, Request], Response | None]
 def router(
     ws_path: str,
     health: Callable[[], tuple[bool, dict[str, Any]]],
-    admit: Callable[[], str | None],
+    admit: Callable[[ServerConnection], str | None],
 ) -> ProcessRequest:
     """Build websockets' `process_request` hook.
 
     Args:
         ws_path: the WebSocket path; upgrades elsewhere get 404.
         health: returns (healthy, details) for `/healthz`.
-        admit: returns None to accept a handshake, or why it is refused (503).
+        admit: returns None to accept the handshake of a connection (which then counts
+            against `max_connection`), or why it is refused (503).
     """
 
     def process_request(connection: ServerConnection, request: Request) -> Response | None:
@@ -46,7 +47,7 @@ def router(
         # 426 Upgrade Required, or 400 when the upgrade itself is malformed.
         if "Upgrade" not in request.headers:
             return None
-        refusal = admit()
+        refusal = admit(connection)
         if refusal is not None:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, refusal + "\n")
         return None

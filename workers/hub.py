@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.server import protocol
-from shoal.server.errors import ProtocolError
-from shoal.workers import envelope
-from shoal.workers.bus import Bus
+from shoal.core import app, envelope, protocol
+from shoal.core.bus import Bus
+from shoal.core.errors import EnvelopeError, ProtocolError
+from shoal.core.keys import Keys, TopicKind
+from shoal.core.registry import Registry
+from shoal.core.schema import PresenceEntry
 from shoal.workers.connection import Connection
-from shoal.workers.keys import Keys, TopicKind
-from shoal.workers.registry import Registry
 
 # Called with the users of connections a cleanup removed: [(user_id, [room, ...]), ...].
 OnDeparted = Callable[[list[tuple[str, list[str]]]], None]
 
 logger = logging.getLogger(__name__)
+
+_LOG_EVERY = 10.0
 
 
 class Hub:
@@ -59,6 +62,11 @@ class Hub:
         self.topics: dict[bytes, set[Connection]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.on_departed: OnDeparted | None = None
+        # Memberships a failed join or leave may have left half-written in Redis; the
+        # worker's heartbeat rewrites them from the local truth (`repair()`).
+        self.unsure: set[tuple[TopicKind, str, str]] = set()
+        self._skipped = 0
+        self._skipped_logged = -_LOG_EVERY
 
     # Lifecycle of local connections
 
@@ -110,20 +118,24 @@ class Hub:
         The bus subscription is confirmed before the membership is written and before
         this returns, so the caller's reply is the point after which no message for
         the room can be missed.
+
+        Raises:
+            ServiceUnavailable: Redis failed; `conn` is not in the room (whatever Redis
+                holds half-written is repaired later).
         """
         names = conn.rooms if kind is TopicKind.ROOM else conn.channels
         channel = self.keys.bus_topic(kind, name)
-        if name not in names:
-            await self.bus.subscribe(channel)
-            try:
-                members = await self.registry.join(kind, name, conn.id, conn.user_id)
-            except BaseException:
-                self.bus.unsubscribe(channel)
-                raise
-            names.add(name)
-            self.topics.setdefault(channel, set()).add(conn)
-        else:
+        if name in names:
+            return list(dict.fromkeys(await self.registry.join(kind, name, conn.id, conn.user_id)))
+        await self.bus.subscribe(channel)
+        try:
             members = await self.registry.join(kind, name, conn.id, conn.user_id)
+        except BaseException:
+            self.bus.unsubscribe(channel)
+            self.unsure.add((kind, name, conn.id))
+            raise
+        names.add(name)
+        self.topics.setdefault(channel, set()).add(conn)
         return list(dict.fromkeys(members))
 
     async def leave(self, conn: Connection, kind: TopicKind, name: str) -> list[str]:
@@ -131,13 +143,38 @@ class Hub:
 
         Raises:
             ProtocolError: "Not in room" / "Not subscribed".
+            ServiceUnavailable: Redis failed; `conn` has left locally, and Redis is
+                repaired later.
         """
         names = conn.rooms if kind is TopicKind.ROOM else conn.channels
         if name not in names:
             raise ProtocolError("Not in room" if kind is TopicKind.ROOM else "Not subscribed")
         names.discard(name)
         self._detach(conn, self.keys.bus_topic(kind, name))
-        return list(dict.fromkeys(await self.registry.leave(kind, name, conn.id)))
+        try:
+            remaining = await self.registry.leave(kind, name, conn.id)
+        except BaseException:
+            self.unsure.add((kind, name, conn.id))
+            raise
+        return list(dict.fromkeys(remaining))
+
+    async def repair(self) -> None:
+        """Rewrite the memberships a failed join or leave left unsure, from local truth.
+
+        Raises:
+            ServiceUnavailable: Redis failed again; what is left stays for next time.
+        """
+        for item in list(self.unsure):
+            kind, name, cid = item
+            conn = self.local.get(cid)
+            names = () if conn is None else conn.rooms if kind is TopicKind.ROOM else conn.channels
+            if conn is not None and name in names:
+                await self.registry.join(kind, name, cid, conn.user_id)
+            else:
+                # Gone or left: the room's hash may hold it although the connection's
+                # own hash (which removal reads) does not list the room.
+                await self.registry.unjoin(kind, name, cid)
+            self.unsure.discard(item)
 
     # Cluster-wide delivery
 
@@ -146,14 +183,14 @@ class Hub:
         room: str,
         message: Mapping[str, Any],
         *,
-        exclude: Connection | None = None,
+        exclude: app.Connection | None = None,
         kind: TopicKind = TopicKind.ROOM,
     ) -> None:
         """Send `message` to every member of a room (or channel), on every worker and node."""
         await self._publish(self.keys.bus_topic(kind, room), protocol.encode(message), exclude)
 
     async def broadcast(
-        self, message: Mapping[str, Any], *, exclude: Connection | None = None
+        self, message: Mapping[str, Any], *, exclude: app.Connection | None = None
     ) -> None:
         """Send `message` to every connection of the deployment, but `exclude`."""
         await self._publish(self.keys.bus_all, protocol.encode(message), exclude)
@@ -182,7 +219,9 @@ class Hub:
             self.bus.post(self.keys.bus_worker(wid), envelope.message(payload, cids))
         return len(connections)
 
-    async def _publish(self, channel: bytes, payload: bytes, exclude: Connection | None) -> None:
+    async def _publish(
+        self, channel: bytes, payload: bytes, exclude: app.Connection | None
+    ) -> None:
         self.bus.post(channel, envelope.message(payload, exclude.id if exclude else None))
 
     def deliver(self, messages: list[tuple[bytes, bytes]]) -> None:
@@ -192,36 +231,23 @@ class Hub:
         and written at once, in order: under load this turns one send() per message and
         client into one per batch and client, which is what bounds fan-out.
         """
-        local = self.local
-        bus_all = self.keys.bus_all
-        outbox: dict[Connection, list[bytes]] = {}
-        for channel, data in messages:
-            text, payload, target = envelope.unpack(data)
-            if type(text) is str:
-                if text == envelope.DEPARTED and self.on_departed is not None:
-                    self.on_departed(payload)
-                continue
-            wire = protocol.frame(payload, text=text)
-            excluded = None
-            if channel == self.worker_channel:
-                recipients: Any = [local[cid] for cid in target if cid in local]
-            else:
-                recipients = local.values() if channel == bus_all else self.topics.get(channel)
-                if not recipients:
-                    continue
-                if target is not None:
-                    excluded = local.get(target)
-            for conn in recipients:
-                if conn is excluded:
-                    continue
-                if conn.deflate:
-                    conn.push(wire, payload, text)
-                elif (frames := outbox.get(conn)) is None:
-                    outbox[conn] = [wire]
-                else:
-                    frames.append(wire)
-        for conn, frames in outbox.items():
+        routed = route(messages, self.local, self.topics, self.worker_channel, self.keys.bus_all)
+        for conn, wire, payload, text in routed.deflated:
+            conn.push(wire, payload, text)
+        for conn, frames in routed.outbox.items():
             conn.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if routed.departed and self.on_departed is not None:
+            self.on_departed(routed.departed)
+        if routed.rejected:
+            self._skipped += routed.rejected
+            now = asyncio.get_running_loop().time()
+            if now - self._skipped_logged >= _LOG_EVERY:
+                logger.warning(
+                    "skipped %d bus messages this worker cannot decode (%s)",
+                    self._skipped,
+                    routed.rejected_example,
+                )
+                self._skipped, self._skipped_logged = 0, now
 
     # Queries
 
@@ -229,8 +255,77 @@ class Hub:
         """The user ids in a room, across workers and nodes, each once."""
         return await self.registry.members(TopicKind.ROOM, room)
 
-    async def presence(self, room: str | None = None) -> list[dict[str, Any]]:
+    async def presence(self, room: str | None = None) -> list[PresenceEntry]:
+        """Who is connected, across workers and nodes: the whole server, or one room."""
         return await self.registry.presence(room)
 
     async def total_users(self) -> int:
+        """How many distinct users are connected, across workers and nodes."""
         return await self.registry.total_users()
+
+    async def user_connections(self, user_id: str) -> int:
+        """How many connections `user_id` has open, across workers and nodes."""
+        return len(await self.registry.user_connections(user_id))
+
+
+@dataclass(slots=True)
+class Routed:
+    """Where one batch of bus messages goes: see `route()`."""
+
+    outbox: dict[Connection, list[bytes]] = field(default_factory=dict)
+    """Pre-built frames per connection without compression, in arrival order."""
+    deflated: list[tuple[Connection, bytes, bytes, bool]] = field(default_factory=list)
+    """(connection, frame, payload, text) for connections that compress: each frames its own."""
+    departed: list[tuple[str, list[str]]] = field(default_factory=list)
+    """Users whose connections went without on_close, with their rooms."""
+    rejected: int = 0
+    rejected_example: str = ""
+
+
+def route(
+    messages: list[tuple[bytes, bytes]],
+    local: Mapping[str, Connection],
+    topics: Mapping[bytes, set[Connection]],
+    worker_channel: bytes,
+    bus_all: bytes,
+) -> Routed:
+    """Decide, with no I/O, which local connections receive each message of a batch.
+
+    A worker's own channel names its recipients; the global channel reaches every local
+    connection; a room's or channel's reaches its local members. A message's `target`
+    on those is a connection to leave out (its sender).
+    """
+    routed = Routed()
+    outbox = routed.outbox
+    for channel, data in messages:
+        try:
+            item = envelope.unpack(data)
+        except EnvelopeError as exc:
+            routed.rejected += 1
+            routed.rejected_example = str(exc)
+            continue
+        if type(item) is not envelope.Message:
+            routed.departed += item.users  # type: ignore[union-attr]
+            continue
+        text, payload, target = item
+        wire = protocol.frame(payload, text=text)
+        excluded = None
+        if channel == worker_channel:
+            recipients: Iterable[Connection] = [local[c] for c in target or () if c in local]
+        else:
+            found = local.values() if channel == bus_all else topics.get(channel)
+            if not found:
+                continue
+            recipients = found
+            if target is not None:
+                excluded = local.get(target)  # type: ignore[arg-type]
+        for conn in recipients:
+            if conn is excluded:
+                continue
+            if conn.deflate:
+                routed.deflated.append((conn, wire, payload, text))
+            elif (frames := outbox.get(conn)) is None:
+                outbox[conn] = [wire]
+            else:
+                frames.append(wire)
+    return routed

@@ -1,13 +1,22 @@
 """One WebSocket worker process: its own SO_REUSEPORT listener, uvloop, websockets.
 
-The master forks it and calls `run()`, whose return value is the exit status. A worker
-that cannot start exits with `EXIT_BOOT`, which tells the master to stop instead of
-respawning it forever.
+The master forks it and calls `run()`, whose return value is the exit status:
+
+- 0: it was told to stop (SIGTERM) and did.
+- `EXIT_BOOT` (3): it cannot start for a reason that retrying does not fix (the port is
+  taken, the application does not import). The master stops the node instead of
+  respawning it forever.
+- `EXIT_FAILED` (4): one of its background loops died. The master respawns it.
+
+A worker that starts while Redis is unreachable waits for it, beating the scoreboard so
+the master knows it is alive, and listens only once Redis answers: a Redis outage never
+stops a node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import re
@@ -24,24 +33,28 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import OPEN
 
 from shoal.config.model import Config
-from shoal.server import app as app_api
-from shoal.server import protocol
-from shoal.server.errors import BootError, ProtocolError, ServiceUnavailable
-from shoal.server.protocol import CloseCode
-from shoal.server.scoreboard import Scoreboard
+from shoal.core import app as app_api
+from shoal.core import protocol
+from shoal.core.backoff import full_jitter
+from shoal.core.bus import Bus
+from shoal.core.errors import BootError, ProtocolError, ServiceUnavailable
+from shoal.core.keys import Keys
+from shoal.core.registry import Registry, connect
+from shoal.core.resp import RedisAddress, Timeouts
+from shoal.core.schema import ADVICE, CloseCode
+from shoal.core.scoreboard import Scoreboard
 from shoal.workers import http
-from shoal.workers.bus import Bus
+from shoal.workers.admission import Admission
 from shoal.workers.connection import Connection, Socket, close_socket
 from shoal.workers.hub import Hub
-from shoal.workers.keys import Keys
-from shoal.workers.registry import Registry, connect
-from shoal.workers.resp import RedisAddress
 
 logger = logging.getLogger(__name__)
 
 EXIT_BOOT = 3
+EXIT_FAILED = 4
 _USER_ID = re.compile(r"[\w.@:+-]{1,128}")
 _BEAT_PERIOD = 1.0
+_WAIT_LOG_EVERY = 10.0
 
 
 def worker_id(node_id: str, slot: int, pid: int) -> str:
@@ -69,26 +82,42 @@ class Placement:
 
     config: Config
     slot: int
+    seat: int
     node_id: str
     redis_url: str
     scoreboard: Scoreboard
     master_pid: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Gone:
+    """A connection whose Redis state could not be removed, or whose rooms were not told."""
+
+    user: str
+    rooms: tuple[str, ...]
+    untold: bool
+
+
 class Worker:
     def __init__(self, placement: Placement) -> None:
         config = self.config = placement.config
         self.slot = placement.slot
+        self.seat = placement.seat
         self.node_id = placement.node_id
         self.redis_url = placement.redis_url
         self.scoreboard = placement.scoreboard
         self.master_pid = placement.master_pid
         self.id = worker_id(self.node_id, self.slot, os.getpid())
         self.app = app_api.load(config.app.module, config.app.settings)
+        self.timeouts = Timeouts.from_config(config.redis)
+        self.admission = Admission(self.scoreboard, self.seat, config.server.max_connection)
         self.sequence = 0
-        self.redis_state_up = True
-        self.unremoved: set[str] = set()
+        # None until the first heartbeat: only a recovery is worth a log line.
+        self.redis_state_up: bool | None = None
+        self.state_beat = 0.0  # loop time of the last heartbeat Redis acknowledged
+        self.gone: dict[str, _Gone] = {}
         self.stopping = asyncio.Event()
+        self._heartbeat_lock = asyncio.Lock()
 
     async def run(self) -> int:
         config = self.config
@@ -96,10 +125,16 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         # Ctrl-C reaches the whole process group: the master alone decides what follows.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        beat = asyncio.create_task(self._beat(), name="beat")
         keys = Keys(config.redis.prefix)
-        client = connect(self.redis_url)
+        client = connect(self.redis_url, self.timeouts)
         registry = Registry(client, keys, self.node_id, self.id)
-        bus = Bus(RedisAddress.from_url(self.redis_url), self._on_bus_messages, self._on_bus_state)
+        bus = Bus(
+            RedisAddress.from_url(self.redis_url),
+            self._on_bus_messages,
+            self._on_bus_state,
+            self.timeouts,
+        )
         self.hub = Hub(
             keys,
             registry,
@@ -109,33 +144,97 @@ class Worker:
         )
         self.hub.on_departed = self._departed
         await bus.start()
-        if not bus.up:
-            raise BootError(f"redis: cannot reach {bus.address}")
-        await bus.subscribe(keys.bus_all)
-        await bus.subscribe(self.hub.worker_channel)
-        await self._refresh_heartbeat()
-        server = await self._listen()
-        self.scoreboard.set_ready(self.slot)
-        logger.info(
-            "worker %s serving ws://%s:%d%s",
-            self.id,
-            config.server.host,
-            config.server.port,
-            config.server.path,
-        )
-        loops = [
-            asyncio.create_task(self._beat(), name="beat"),
-            asyncio.create_task(self._redis_heartbeat(), name="redis-heartbeat"),
-        ]
-        if config.server.heartbeat_check_interval:
-            loops.append(asyncio.create_task(self._keepalive(), name="keepalive"))
-        await self.stopping.wait()
-        await self._shutdown(server)
-        for task in loops:
-            task.cancel()
+        status = 0
+        if await self._wait_for_redis():
+            server = await self._listen()
+            self.scoreboard.set_ready(self.seat)
+            logger.info(
+                "worker %s serving ws://%s:%d%s",
+                self.id,
+                config.server.host,
+                config.server.port,
+                config.server.path,
+            )
+            loops = [
+                beat,
+                asyncio.create_task(self._redis_heartbeat(), name="redis-heartbeat"),
+                *bus.tasks,
+            ]
+            if config.server.heartbeat_check_interval:
+                loops.append(asyncio.create_task(self._keepalive(), name="keepalive"))
+            code = CloseCode(self.scoreboard.close_code(self.seat) or CloseCode.GOING_AWAY)
+            if not await self._serve(loops):
+                status, code = EXIT_FAILED, CloseCode.INTERNAL_ERROR
+            elif self.scoreboard.close_code(self.seat):
+                code = CloseCode(self.scoreboard.close_code(self.seat))
+            await self._shutdown(server, code)
+        beat.cancel()
         await bus.close()
         await client.close()
-        return 0
+        return status
+
+    async def _wait_for_redis(self) -> bool:
+        """Wait until the bus is up, subscribed, and the state heartbeat went through.
+
+        Returns False if told to stop first.
+        """
+        keys = self.hub.keys
+        started = last_log = time.monotonic()
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                if self.hub.bus.up:
+                    await self.hub.bus.subscribe(keys.bus_all)
+                    await self.hub.bus.subscribe(self.hub.worker_channel)
+                    await self._refresh_heartbeat(strict=True)
+                    if time.monotonic() - started > 1:
+                        logger.info("redis reachable; worker %s starting", self.id)
+                    return True
+            except ServiceUnavailable as exc:
+                reason = str(exc)
+            else:
+                reason = "not connected"
+            now = time.monotonic()
+            if now - last_log >= _WAIT_LOG_EVERY or attempt == 2:
+                logger.warning(
+                    "worker %s waiting for redis at %s (%s); retrying",
+                    self.id,
+                    self.hub.bus.address,
+                    reason,
+                )
+                last_log = now
+            delay = full_jitter(attempt, 0.1, 2.0)
+            attempt += 1
+            try:
+                async with asyncio.timeout(delay):
+                    await self.stopping.wait()
+            except TimeoutError:
+                pass
+        return False
+
+    async def _serve(self, loops: list[asyncio.Task[None]]) -> bool:
+        """Serve until told to stop. False if a background loop died first.
+
+        Every loop of the worker runs here under supervision: one that ends is logged
+        with its traceback and the worker exits, so that the master replaces it. A worker
+        that silently lost its Redis heartbeat would otherwise be swept as dead while
+        still serving.
+        """
+        stop = asyncio.create_task(self.stopping.wait(), name="stop")
+        done, _ = await asyncio.wait([stop, *loops], return_when=asyncio.FIRST_COMPLETED)
+        if stop in done:
+            return True
+        stop.cancel()
+        for task in done:
+            error = task.exception() if not task.cancelled() else None
+            logger.error(
+                "worker %s: background loop %r ended (%r); exiting so the master replaces it",
+                self.id,
+                task.get_name(),
+                error,
+                exc_info=error,
+            )
+        return False
 
     async def _listen(self) -> Server:
         server_config = self.config.server
@@ -162,23 +261,31 @@ class Worker:
 
     # HTTP hooks
 
+    def _healthy(self) -> bool:
+        """Redis reachable, not stalled, and this worker's state kept fresh in it."""
+        fresh = time.monotonic() - self.state_beat < self.config.redis.heartbeat_ttl / 2
+        bus = self.hub.bus
+        return bus.up and not bus.stalled and bool(self.redis_state_up) and fresh
+
     def _health(self) -> tuple[bool, dict[str, Any]]:
-        redis_up = self.hub.bus.up and self.redis_state_up
-        return redis_up, {
-            "status": "ok" if redis_up else "redis unreachable",
+        healthy = self._healthy()
+        return healthy, {
+            "status": "ok" if healthy else "redis unreachable",
             "node": self.node_id,
             "worker": self.id,
             "workers_alive": self.scoreboard.workers_alive(),
             "worker_num": self.config.server.worker_num,
-            "redis": redis_up,
+            "redis": healthy,
+            "state_age": round(time.monotonic() - self.state_beat, 1),
             "connections": self.scoreboard.connections(),
         }
 
-    def _admit(self) -> str | None:
-        if self.scoreboard.connections() >= self.config.server.max_connection:
-            return "server full: max_connection reached"
-        if not (self.hub.bus.up and self.redis_state_up):
+    def _admit(self, connection: ServerConnection) -> str | None:
+        if not self._healthy():
             return "redis unreachable; retry later"
+        if not self.admission.admit():
+            return "server full: max_connection reached"
+        cast(Socket, connection).admission = self.admission  # released with the transport
         return None
 
     # One connection
@@ -198,11 +305,12 @@ class Worker:
         try:
             await hub.add(conn)
         except ServiceUnavailable:
+            # Part of its state may have been written: remove it once Redis answers.
+            self.gone[conn.id] = _Gone(user, (), untold=False)
             await close_socket(
                 socket, CloseCode.TRY_AGAIN_LATER, "redis unavailable", hub.close_timeout
             )
             return
-        self.scoreboard.set_connections(self.slot, len(hub.local))
         try:
             if app.open_handler is not None:
                 await app.open_handler(conn)
@@ -244,25 +352,34 @@ class Worker:
             await conn.send({"type": "error", "message": "Internal error"})
 
     async def _forget(self, conn: Connection) -> None:
+        """Run `on_close`, then remove the connection's state.
+
+        If Redis fails on the way, nothing is lost: the removal is retried, and rooms
+        `on_close` could not tell are told through `on_departed`, once Redis is back.
+        """
+        rooms = tuple(sorted(conn.rooms))
+        told = True
         if self.app.close_handler is not None:
             try:
                 await self.app.close_handler(conn)
             except ServiceUnavailable:
-                logger.warning("redis unavailable while closing %s", conn.id)
+                logger.warning("redis unavailable while closing %s; telling later", conn.id)
+                told = False
             except Exception:
                 logger.exception("on_close failed on connection %s", conn.id)
         try:
             await self.hub.remove(conn)
         except ServiceUnavailable:
-            # Retried by the Redis heartbeat, so no ghost outlives the outage.
-            self.unremoved.add(conn.id)
-        self.scoreboard.set_connections(self.slot, len(self.hub.local))
+            self.gone[conn.id] = _Gone(conn.user_id, rooms, untold=not told)
+            return
+        if not told:
+            self._departed([(conn.user_id, list(rooms))])
 
     # Background loops
 
     async def _beat(self) -> None:
         while True:
-            self.scoreboard.beat(self.slot, time.monotonic())
+            self.scoreboard.beat(self.seat, time.monotonic())
             if os.getppid() != self.master_pid:
                 logger.error("master process is gone; stopping")
                 self.stopping.set()
@@ -274,29 +391,54 @@ class Worker:
             await asyncio.sleep(period)
             await self._refresh_heartbeat()
 
-    async def _refresh_heartbeat(self) -> None:
-        registry = self.hub.registry
-        try:
-            if not await registry.heartbeat(self.config.redis.heartbeat_ttl):
-                snapshots = [conn.snapshot() for conn in self.hub.local.values()]
-                if snapshots:
+    async def _refresh_heartbeat(self, *, strict: bool = False) -> None:
+        """Refresh this worker's heartbeat in Redis; write its state back if Redis lost
+        it; then retry removals, repairs and announcements that failed earlier.
+
+        Any Redis failure marks the state as not kept (health turns 503) and waits for
+        the next beat; with `strict` it is raised instead.
+        """
+        async with self._heartbeat_lock:
+            try:
+                await self._keep_state()
+            except ServiceUnavailable as exc:
+                if self.redis_state_up:
                     logger.warning(
-                        "redis lost this worker's state; writing back %d connections",
-                        len(snapshots),
+                        "redis at %s failed keeping this worker's state (%s); retrying",
+                        self.hub.bus.address,
+                        exc,
                     )
-                await registry.resync(snapshots)
-                self.unremoved.clear()
-            for cid in list(self.unremoved):
-                await registry.remove_connection(cid)
-                self.unremoved.discard(cid)
-        except ServiceUnavailable:
-            if self.redis_state_up:
-                logger.warning("redis unreachable at %s; retrying", self.redis_url)
-            self.redis_state_up = False
-            return
-        if not self.redis_state_up:
-            logger.info("redis reachable again")
+                self.redis_state_up = False
+                if strict:
+                    raise
+                return
+        if self.redis_state_up is False:
+            logger.info("this worker's state is kept in redis again")
         self.redis_state_up = True
+
+    async def _keep_state(self) -> None:
+        registry = self.hub.registry
+        if not await registry.heartbeat(self.config.redis.heartbeat_ttl):
+            snapshots = [conn.snapshot() for conn in self.hub.local.values()]
+            if snapshots:
+                logger.warning(
+                    "redis lost this worker's state; writing back %d connections",
+                    len(snapshots),
+                )
+            await registry.resync(snapshots)
+        self.state_beat = time.monotonic()
+        untold: list[tuple[str, list[str]]] = []
+        for cid, gone in list(self.gone.items()):
+            await registry.remove_connection(cid)
+            del self.gone[cid]
+            if gone.untold:
+                untold.append((gone.user, list(gone.rooms)))
+        await self.hub.repair()
+        if untold:
+            logger.info(
+                "telling the rooms of %d connections that closed during an outage", len(untold)
+            )
+            self._departed(untold)
 
     async def _keepalive(self) -> None:
         """Ping clients silent for a check interval; close those silent for the idle time."""
@@ -340,18 +482,19 @@ class Worker:
             # Redis may have come back empty: check now rather than at the next beat.
             self.hub.spawn(self._refresh_heartbeat())
 
-    async def _shutdown(self, server: Server) -> None:
-        """Stop accepting, close every client with 1001, remove this worker's state."""
+    async def _shutdown(self, server: Server, code: CloseCode) -> None:
+        """Stop accepting, close every client with `code`, remove this worker's state."""
         timeout = self.config.server.shutdown_timeout
-        logger.info("worker %s stopping: closing %d connections", self.id, len(self.hub.local))
+        logger.info(
+            "worker %s stopping: closing %d connections with %d",
+            self.id,
+            len(self.hub.local),
+            code,
+        )
         server.close(close_connections=False)
+        reason = ADVICE[code].reason
         closing = [
-            close_socket(
-                conn.socket,
-                CloseCode.GOING_AWAY,
-                "server shutting down",
-                self.config.server.close_timeout,
-            )
+            close_socket(conn.socket, code, reason, self.config.server.close_timeout)
             for conn in list(self.hub.local.values())
         ]
         try:
@@ -365,6 +508,9 @@ class Worker:
 
 def run(placement: Placement) -> int:
     """Run a worker in this (freshly forked) process. Returns its exit status."""
+    # SIGABRT from the master (a stuck loop) prints every thread's traceback, from C, so
+    # even a worker blocked in a system call shows where before it dies.
+    faulthandler.enable()
     try:
         return uvloop.run(Worker(placement).run())
     except BootError as exc:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from shoal.config.loader import dump, load
-from shoal.server.errors import ConfigError
+from shoal.core.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -17,9 +17,9 @@ APP = textwrap.dedent(
     """
     from typing import Any
 
-    from shoal.server import protocol
-    from shoal.server.app import App, Connection
-    from shoal.server.errors import ProtocolError
+    from shoal.core import protocol
+    from shoal.core.app import App, Connection
+    from shoal.core.errors import ProtocolError
 
     app = App()
 

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from support import RedisServer, Shoal, client, clients_on_workers, wait_until
+from support import FAST_REDIS, RedisServer, Shoal, client, clients_on_workers, wait_until
 
 
 def raw_http(port: int, request: bytes) -> tuple[int, bytes]:
@@ -129,14 +129,14 @@ async def test_redis_outage_is_reported_and_survived(
 
 
 async def test_embedded_redis_that_dies_is_restarted(tmp_path: Path) -> None:
-    node = Shoal(tmp_path, {"server": {"worker_num": 2}, "redis": {"heartbeat_ttl": 3}})
+    node = Shoal(tmp_path, {"server": {"worker_num": 2}, "redis": FAST_REDIS})
     node.start()
     try:
         async with clients_on_workers(node, ["ann", "bo"]) as (ann, bo):
             await ann.request({"type": "join_room", "room": "r"}, "joined_room")
             await bo.request({"type": "join_room", "room": "r"}, "joined_room")
             await ann.expect("user_joined_room")
-            (redis_pid,) = set(node.child_pids()) - set(node.worker_pids())
+            redis_pid = node.redis_pid()
             os.kill(redis_pid, signal.SIGKILL)
             wait_until(lambda: redis_pid not in node.child_pids(), 5, "redis to die")
             # The master starts a new one; the workers reconnect and write their state back.
@@ -154,6 +154,6 @@ async def test_embedded_redis_that_dies_is_restarted(tmp_path: Path) -> None:
             await ann.send({"type": "room_message", "room": "r", "message": "still here"})
             for c in (ann, bo):
                 assert (await c.expect("room_message"))["message"] == "still here"
-        assert "embedded redis exited" in node.log()
+        assert f"embedded redis (pid {redis_pid}) died: signal SIGKILL; respawning" in node.log()
     finally:
         node.stop()

@@ -116,7 +116,7 @@ async def test_kill_9_of_a_whole_node_is_swept_by_another(
                 await bo.request({"type": "join_room", "room": "r"}, "joined_room")
                 await ann.expect("user_joined_room")
                 # The whole node at once: master and workers, no chance to clean up.
-                for pid in [doomed.pid, *doomed.worker_pids()]:
+                for pid in [doomed.pid, *doomed.child_pids()]:
                     os.kill(pid, signal.SIGKILL)
                 doomed.wait(5)
             # heartbeat_ttl is 3 s in these tests; sweeps run every ttl/2.
@@ -233,12 +233,11 @@ async def test_embedded_redis_by_default(tmp_path: Path) -> None:
         async with clients_on_workers(node, ["ann", "bo"]) as (ann, bo):
             await ann.send({"type": "private", "to": "bo", "message": "hi"})
             assert (await bo.expect("private_message"))["message"] == "hi"
-        redis_pid = list(set(node.child_pids()) - set(node.worker_pids()))
-        assert len(redis_pid) == 1
+        redis_pid = node.redis_pid()
     finally:
         node.stop()
     assert node.process is not None and node.process.returncode == 0
-    assert not Path(f"/proc/{redis_pid[0]}").exists()
+    assert not Path(f"/proc/{redis_pid}").exists()
 
 
 async def test_one_worker_node_tells_rooms_once_its_worker_is_back(

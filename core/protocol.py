@@ -1,4 +1,6 @@
-"""The wire protocol, with no I/O: close codes, message parsing, JSON and frame encoding.
+"""The wire protocol, with no I/O: message parsing, JSON and frame encoding.
+
+Close codes and message shapes are in `shoal.core.schema`.
 
 Nothing here awaits, touches Redis or a socket, or reads the clock. Callers pass `now`.
 """
@@ -6,30 +8,15 @@ Nothing here awaits, touches Redis or a socket, or reads the clock. Callers pass
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import IntEnum
 from typing import Any
 
 import orjson
 from websockets.frames import Frame, Opcode
 
-from shoal.server.errors import ProtocolError
+from shoal.core.errors import ProtocolError
 
 INVALID_FORMAT = "Invalid message format"
 MAX_NAME_LENGTH = 256
-
-
-class CloseCode(IntEnum):
-    """Every close code shoal sends. `docs/protocol.md` has the table, with whether to reconnect."""
-
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    POLICY_VIOLATION = 1008
-    MESSAGE_TOO_BIG = 1009
-    INTERNAL_ERROR = 1011
-    SERVICE_RESTART = 1012
-    TRY_AGAIN_LATER = 1013
-    SLOW_CONSUMER = 4000
-    IDLE_TIMEOUT = 4001
 
 
 def parse(raw: str | bytes) -> dict[str, Any]:

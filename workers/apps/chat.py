@@ -10,10 +10,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shoal.server import protocol
-from shoal.server.app import App, Connection, Hub
-from shoal.server.errors import ProtocolError
-from shoal.workers.keys import TopicKind
+from shoal.core import protocol, schema
+from shoal.core.app import App, Connection, Hub, TopicKind
+from shoal.core.errors import ProtocolError
 
 app = App()
 
@@ -28,13 +27,20 @@ def _announce() -> bool:
 
 @app.on_open
 async def welcome(conn: Connection) -> None:
-    await conn.send({"type": "welcome", "user_id": conn.user_id, "connection_id": conn.id})
+    greeting: schema.Welcome = {
+        "type": "welcome",
+        "user_id": conn.user_id,
+        "connection_id": conn.id,
+    }
+    await conn.send(greeting)
     if _announce():
         total = await conn.hub.total_users()
-        await conn.hub.broadcast(
-            {"type": "user_connected", "user_id": conn.user_id, "total_users": total},
-            exclude=conn,
-        )
+        connected: schema.UserConnected = {
+            "type": "user_connected",
+            "user_id": conn.user_id,
+            "total_users": total,
+        }
+        await conn.hub.broadcast(connected, exclude=conn)
 
 
 @app.on_close
@@ -43,12 +49,9 @@ async def goodbye(conn: Connection) -> None:
         await _leave(conn, room)
     if _announce():
         # This connection is still counted; its user goes only with their last connection.
-        last = len(await conn.hub.registry.user_connections(conn.user_id)) <= 1
+        last = await conn.hub.user_connections(conn.user_id) <= 1
         total = await conn.hub.total_users() - (1 if last else 0)
-        await conn.hub.broadcast(
-            {"type": "user_disconnected", "user_id": conn.user_id, "total_users": total},
-            exclude=conn,
-        )
+        await conn.hub.broadcast(_disconnected(conn.user_id, total), exclude=conn)
 
 
 @app.on_departed
@@ -57,27 +60,28 @@ async def departed(hub: Hub, user_id: str, rooms: list[str]) -> None:
     for room in rooms:
         remaining = await hub.room_members(room)
         if remaining:
-            await hub.publish(
-                room,
-                {
-                    "type": "user_left_room",
-                    "user_id": user_id,
-                    "room": room,
-                    "total_members": len(remaining),
-                },
-            )
+            await hub.publish(room, _left(user_id, room, len(remaining)))
     if _announce():
-        total = await hub.total_users()
-        await hub.broadcast({"type": "user_disconnected", "user_id": user_id, "total_users": total})
+        await hub.broadcast(_disconnected(user_id, await hub.total_users()))
+
+
+def _disconnected(user_id: str, total: int) -> schema.UserDisconnected:
+    return {"type": "user_disconnected", "user_id": user_id, "total_users": total}
+
+
+def _left(user_id: str, room: str, total: int) -> schema.UserLeftRoom:
+    return {"type": "user_left_room", "user_id": user_id, "room": room, "total_members": total}
 
 
 @app.on("broadcast")
 async def broadcast(conn: Connection, message: dict[str, Any]) -> None:
-    text = protocol.field(message, "message")
-    await conn.hub.broadcast(
-        {"type": "broadcast", "from": conn.user_id, "message": text, "timestamp": _now()},
-        exclude=conn,
-    )
+    out: schema.Broadcast = {
+        "type": "broadcast",
+        "from": conn.user_id,
+        "message": protocol.field(message, "message"),
+        "timestamp": _now(),
+    }
+    await conn.hub.broadcast(out, exclude=conn)
 
 
 @app.on("private")
@@ -85,12 +89,16 @@ async def private(conn: Connection, message: dict[str, Any]) -> None:
     to = protocol.name_field(message, "to")
     text = protocol.field(message, "message")
     now = _now()
-    reached = await conn.hub.send_to_user(
-        to, {"type": "private_message", "from": conn.user_id, "message": text, "timestamp": now}
-    )
-    if not reached:
+    out: schema.PrivateMessage = {
+        "type": "private_message",
+        "from": conn.user_id,
+        "message": text,
+        "timestamp": now,
+    }
+    if not await conn.hub.send_to_user(to, out):
         raise ProtocolError("User not found")
-    await conn.send({"type": "message_sent", "to": to, "timestamp": now})
+    sent: schema.MessageSent = {"type": "message_sent", "to": to, "timestamp": now}
+    await conn.send(sent)
 
 
 @app.on("join_room")
@@ -98,39 +106,30 @@ async def join_room(conn: Connection, message: dict[str, Any]) -> None:
     room = protocol.name_field(message, "room")
     already = room in conn.rooms
     members = await conn.join(room)
-    await conn.send({"type": "joined_room", "room": room, "members": members})
+    joined: schema.JoinedRoom = {"type": "joined_room", "room": room, "members": members}
+    await conn.send(joined)
     if not already:
-        await conn.hub.publish(
-            room,
-            {
-                "type": "user_joined_room",
-                "user_id": conn.user_id,
-                "room": room,
-                "total_members": len(members),
-            },
-            exclude=conn,
-        )
+        arrived: schema.UserJoinedRoom = {
+            "type": "user_joined_room",
+            "user_id": conn.user_id,
+            "room": room,
+            "total_members": len(members),
+        }
+        await conn.hub.publish(room, arrived, exclude=conn)
 
 
 @app.on("leave_room")
 async def leave_room(conn: Connection, message: dict[str, Any]) -> None:
     room = protocol.name_field(message, "room")
     await _leave(conn, room)
-    await conn.send({"type": "left_room", "room": room})
+    left: schema.LeftRoom = {"type": "left_room", "room": room}
+    await conn.send(left)
 
 
 async def _leave(conn: Connection, room: str) -> None:
     remaining = await conn.leave(room)
     if remaining:
-        await conn.hub.publish(
-            room,
-            {
-                "type": "user_left_room",
-                "user_id": conn.user_id,
-                "room": room,
-                "total_members": len(remaining),
-            },
-        )
+        await conn.hub.publish(room, _left(conn.user_id, room, len(remaining)))
 
 
 @app.on("room_message")
@@ -139,47 +138,43 @@ async def room_message(conn: Connection, message: dict[str, Any]) -> None:
     text = protocol.field(message, "message")
     if room not in conn.rooms:
         raise ProtocolError("Not in room")
-    await conn.hub.publish(
-        room,
-        {
-            "type": "room_message",
-            "from": conn.user_id,
-            "room": room,
-            "message": text,
-            "timestamp": _now(),
-        },
-    )
+    out: schema.RoomMessage = {
+        "type": "room_message",
+        "from": conn.user_id,
+        "room": room,
+        "message": text,
+        "timestamp": _now(),
+    }
+    await conn.hub.publish(room, out)
 
 
 @app.on("subscribe")
 async def subscribe(conn: Connection, message: dict[str, Any]) -> None:
     channel = protocol.name_field(message, "channel")
     await conn.subscribe(channel)
-    await conn.send({"type": "subscribed", "channel": channel})
+    subscribed: schema.Subscribed = {"type": "subscribed", "channel": channel}
+    await conn.send(subscribed)
 
 
 @app.on("unsubscribe")
 async def unsubscribe(conn: Connection, message: dict[str, Any]) -> None:
     channel = protocol.name_field(message, "channel")
     await conn.unsubscribe(channel)
-    await conn.send({"type": "unsubscribed", "channel": channel})
+    unsubscribed: schema.Unsubscribed = {"type": "unsubscribed", "channel": channel}
+    await conn.send(unsubscribed)
 
 
 @app.on("publish")
 async def publish(conn: Connection, message: dict[str, Any]) -> None:
     channel = protocol.name_field(message, "channel")
-    text = protocol.field(message, "message")
-    await conn.hub.publish(
-        channel,
-        {
-            "type": "message",
-            "channel": channel,
-            "from": conn.user_id,
-            "message": text,
-            "timestamp": _now(),
-        },
-        kind=TopicKind.CHANNEL,
-    )
+    out: schema.ChannelMessage = {
+        "type": "message",
+        "channel": channel,
+        "from": conn.user_id,
+        "message": protocol.field(message, "message"),
+        "timestamp": _now(),
+    }
+    await conn.hub.publish(channel, out, kind=TopicKind.CHANNEL)
 
 
 @app.on("set_metadata")
@@ -187,14 +182,17 @@ async def set_metadata(conn: Connection, message: dict[str, Any]) -> None:
     metadata = protocol.field(message, "metadata")
     if not isinstance(metadata, dict):
         raise ProtocolError("Invalid metadata")
-    merged = await conn.set_metadata(metadata)
-    await conn.send({"type": "metadata_updated", "metadata": merged})
+    updated: schema.MetadataUpdated = {
+        "type": "metadata_updated",
+        "metadata": await conn.set_metadata(metadata),
+    }
+    await conn.send(updated)
 
 
 @app.on("presence")
 async def presence(conn: Connection, message: dict[str, Any]) -> None:
     room = protocol.name_field(message, "room") if "room" in message else None
-    reply: dict[str, Any] = {"type": "presence", "users": await conn.hub.presence(room)}
+    reply: schema.Presence = {"type": "presence", "users": await conn.hub.presence(room)}
     if room is not None:
         reply["room"] = room
     await conn.send(reply)
@@ -202,7 +200,8 @@ async def presence(conn: Connection, message: dict[str, Any]) -> None:
 
 @app.on_unknown
 async def echo(conn: Connection, message: dict[str, Any]) -> None:
-    await conn.send({"type": "echo", "data": message})
+    echoed: schema.Echo = {"type": "echo", "data": message}
+    await conn.send(echoed)
 
 
 @app.on_binary

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from shoal.server.errors import ServiceUnavailable
-from shoal.workers.bus import Bus
-from shoal.workers.resp import RedisAddress
+from shoal.core.bus import Bus
+from shoal.core.errors import ServiceUnavailable
+from shoal.core.resp import RedisAddress
 
 from support import SCALE, RedisServer
 

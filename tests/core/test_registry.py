@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shoal.workers.keys import Keys, TopicKind
-from shoal.workers.registry import Departure, Registry, Snapshot, connect
+from shoal.core.keys import Keys, TopicKind
+from shoal.core.registry import Departure, Registry, Snapshot, connect
 
 from support import RedisServer
 

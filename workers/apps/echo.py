@@ -5,7 +5,7 @@ No welcome, no JSON: it measures and tests the transport itself.
 
 from __future__ import annotations
 
-from shoal.server.app import App, Connection
+from shoal.core.app import App, Connection
 
 app = App()
 

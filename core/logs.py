@@ -7,6 +7,7 @@ import sys
 import time
 
 import orjson
+import setproctitle
 
 
 class _RoleFilter(logging.Filter):
@@ -55,5 +56,6 @@ def setup(level: str, fmt: str) -> None:
 
 
 def set_role(role: str) -> None:
-    """Name this process in every later log line (`worker 2`)."""
+    """Name this process in every later log line (`worker 2`) and in `ps` (`shoal: worker 2`)."""
     _RoleFilter.role = role
+    setproctitle.setproctitle(f"shoal: {role}")

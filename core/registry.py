@@ -1,12 +1,12 @@
 """Shared state in Redis hashes: connections, users, rooms, channels and workers.
 
-Every command names one key, so the layout works on Redis Cluster (see `shoal.workers.keys`).
+Every command names one key, so the layout works on Redis Cluster (see `shoal.core.keys`).
 Removing a connection starts by deleting its hash: only the caller that actually deleted
 it goes on to unlink it from rooms, the user index and the user count, so a worker closing
 a connection and a node sweeping a dead worker never remove it twice.
 
-Commands go through `shoal.workers.resp.Client`, which raises `ServiceUnavailable` when
-Redis cannot be reached.
+Commands go through `shoal.core.resp.Client`, which raises a `ServiceUnavailable`
+subclass when Redis cannot be reached or refuses a command.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 
 import orjson
 
-from shoal.workers.envelope import departures
-from shoal.workers.keys import CHANNEL_FIELD, ROOM_FIELD, Keys, TopicKind
-from shoal.workers.resp import Client, RedisAddress
+from shoal.core.keys import CHANNEL_FIELD, ROOM_FIELD, Keys, TopicKind
+from shoal.core.resp import Client, RedisAddress, Timeouts
+from shoal.core.schema import PresenceEntry
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ _BATCH = 256
 Command = tuple[Any, ...]
 
 
-def connect(url: str) -> Client:
+def connect(url: str, timeouts: Timeouts | None = None) -> Client:
     """A client for state operations on the Redis at `url`."""
-    return Client(RedisAddress.from_url(url))
+    return Client(RedisAddress.from_url(url), timeouts)
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:
@@ -100,17 +100,20 @@ class Registry:
             "worker", self.worker_id, "node", self.node_id, "user", snapshot.user,
             "addr", snapshot.addr, "at", snapshot.at,
         ]  # fmt: skip
-        commands: list[Command] = []
+        # The connection's own hash goes first: whatever else a failure leaves behind,
+        # `remove_connection` finds it through that hash (see Worker._forget).
         if snapshot.meta:
             fields += ["meta", orjson.dumps(snapshot.meta)]
         for room in snapshot.rooms:
             fields += [ROOM_FIELD + room, 1]
-            commands.append(("HSET", keys.topic(TopicKind.ROOM, room), cid, snapshot.user))
         for channel in snapshot.channels:
             fields += [CHANNEL_FIELD + channel, 1]
+        commands: list[Command] = [("HSET", keys.conn(cid), *fields)]
+        for room in snapshot.rooms:
+            commands.append(("HSET", keys.topic(TopicKind.ROOM, room), cid, snapshot.user))
+        for channel in snapshot.channels:
             commands.append(("HSET", keys.topic(TopicKind.CHANNEL, channel), cid, snapshot.user))
         commands += [
-            ("HSET", keys.conn(cid), *fields),
             ("HSET", keys.user(snapshot.user), cid, self.worker_id),
             ("HSET", keys.worker_conns(self.worker_id), cid, snapshot.user),
             ("EVAL", _INCR_USER, 1, keys.users, snapshot.user),
@@ -120,6 +123,16 @@ class Registry:
     async def remove_connection(self, cid: str) -> bool:
         """Remove a connection and every trace of it. False if it was already gone."""
         return await remove_connection(self.redis, self.keys, cid) is not None
+
+    async def unjoin(self, kind: TopicKind, name: str, cid: str) -> None:
+        """Undo what a failed `join` or `leave` may have written half-way: `cid` is not
+        a member of `name`, whatever Redis held."""
+        await self.redis.pipeline(
+            [
+                ("HDEL", self.keys.topic(kind, name), cid),
+                ("HDEL", self.keys.conn(cid), kind.field_prefix + name),
+            ]
+        )
 
     async def join(self, kind: TopicKind, name: str, cid: str, user: str) -> list[str]:
         """Add a connection to a room or channel. Returns the members' user ids."""
@@ -162,7 +175,7 @@ class Registry:
     async def total_users(self) -> int:
         return int(await self.redis.execute("HLEN", self.keys.users))
 
-    async def presence(self, room: str | None = None) -> list[dict[str, Any]]:
+    async def presence(self, room: str | None = None) -> list[PresenceEntry]:
         """Who is connected, across workers and nodes: the whole server, or one room.
 
         Returns `[{"user_id", "rooms", "metadata"}]` sorted by user id; `rooms` are the
@@ -242,18 +255,20 @@ class Registry:
                 swept[wid] = await forget_worker(self.redis, self.keys, wid, deregister=False)
         return swept
 
-    async def tell_departures(self, wid: str, departed: list[Departure]) -> None:
-        """Ask worker `wid` to let the application tell the rooms of `departed` users."""
-        envelope = departures((d.user, d.rooms) for d in departed)
-        await self.redis.execute("PUBLISH", self.keys.bus_worker(wid), envelope)
+    async def node_workers(self) -> list[str]:
+        """The workers of this node whose heartbeat is current, in no particular order."""
+        workers = _pairs(await self.redis.execute("HGETALL", self.keys.workers))
+        mine = [wid for wid, node in workers.items() if node == self.node_id]
+        if not mine:
+            return []
+        alive = await self.redis.pipeline([("EXISTS", self.keys.alive(w)) for w in mine])
+        return [wid for wid, is_alive in zip(mine, alive, strict=True) if is_alive]
 
 
 async def remove_connection(client: Client, keys: Keys, cid: str) -> Departure | None:
     """Remove a connection's state. None if another caller removed it first."""
     key = keys.conn(cid)
-    *_, (flat, deleted) = await client.pipeline(
-        [("MULTI",), ("HGETALL", key), ("DEL", key), ("EXEC",)]
-    )
+    flat, deleted = await client.transaction([("HGETALL", key), ("DEL", key)])
     record = _pairs(flat)
     if not deleted or "user" not in record:
         return None

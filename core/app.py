@@ -3,7 +3,7 @@
 An application is an `App` object with handlers, the way a Swoole server has `on('open')`,
 `on('message')` and `on('close')`::
 
-    from shoal.server.app import App, Connection
+    from shoal.core.app import App, Connection
 
     app = App()
 
@@ -18,20 +18,121 @@ An application is an `App` object with handlers, the way a Swoole server has `on
 Handlers raise `ProtocolError("...")` to answer `{"type": "error", "message": "..."}`;
 any other exception is logged and answered with an "Internal error" frame, and the
 connection stays open. Load an application with `app.module: "package.module:app"`.
+
+`Connection` and `Hub` are the interfaces handlers receive. They are protocols, so this
+module carries no process role: the WebSocket worker implements them, and code that only
+builds or checks applications (the CLI, tests, a task worker) never loads the worker.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
-from shoal.server.errors import BootError, ConfigError
-from shoal.workers.connection import Connection
-from shoal.workers.hub import Hub
+from shoal.core.errors import BootError, ConfigError
+from shoal.core.keys import TopicKind
+from shoal.core.schema import CloseCode, PresenceEntry
 
-__all__ = ["App", "Connection", "Hub", "check", "load", "resolve"]
+__all__ = ["App", "Connection", "Hub", "TopicKind", "check", "load", "resolve"]
+
+
+class Hub(Protocol):
+    """Cluster-wide operations of the worker a connection lives on."""
+
+    async def broadcast(
+        self, message: Mapping[str, Any], *, exclude: Connection | None = None
+    ) -> None:
+        """Send `message` to every connection of the deployment, but `exclude`."""
+
+    async def publish(
+        self,
+        room: str,
+        message: Mapping[str, Any],
+        *,
+        exclude: Connection | None = None,
+        kind: TopicKind = TopicKind.ROOM,
+    ) -> None:
+        """Send `message` to every member of a room (or channel), on every worker and node."""
+
+    async def send_to_user(self, user_id: str, message: Mapping[str, Any]) -> int:
+        """Send `message` to every connection of `user_id`. Returns how many it has (0: none)."""
+
+    async def room_members(self, room: str) -> list[str]:
+        """The user ids in a room, across workers and nodes, each once."""
+
+    async def presence(self, room: str | None = None) -> list[PresenceEntry]:
+        """Who is connected, across workers and nodes: the whole server, or one room."""
+
+    async def total_users(self) -> int:
+        """How many distinct users are connected, across workers and nodes."""
+
+    async def user_connections(self, user_id: str) -> int:
+        """How many connections `user_id` has open, across workers and nodes."""
+
+
+class Connection(Protocol):
+    """A client connected to this worker.
+
+    Attributes:
+        id: unique across the whole deployment (`<worker id>.<n>`).
+        user_id: the user; several connections may share one.
+        address: the client's address, `host:port`.
+        connected_at: when it connected, in epoch milliseconds.
+        metadata: what `set_metadata()` merged in; visible in presence.
+        rooms, channels: names this connection is in.
+        hub: the worker's hub, for cluster-wide operations.
+        request_path: the path and query of the opening handshake.
+    """
+
+    id: str
+    user_id: str
+    address: str
+    connected_at: int
+    metadata: dict[str, Any]
+    rooms: set[str]
+    channels: set[str]
+    request_path: str
+
+    @property
+    def hub(self) -> Hub: ...
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        """Send one JSON message to this client."""
+
+    async def send_text(self, text: str) -> None:
+        """Send one text frame."""
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Send one binary frame."""
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the connection; `on_close` then runs as for any close."""
+
+    async def join(self, room: str) -> list[str]:
+        """Join a room. Returns the members' user ids (this one included, no duplicates)."""
+
+    async def leave(self, room: str) -> list[str]:
+        """Leave a room. Returns the remaining members' user ids.
+
+        Raises:
+            ProtocolError: "Not in room".
+        """
+
+    async def subscribe(self, channel: str) -> None:
+        """Receive what is published on `channel`."""
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop receiving `channel`.
+
+        Raises:
+            ProtocolError: "Not subscribed".
+        """
+
+    async def set_metadata(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge `metadata` into this connection's metadata. Returns the result."""
+
 
 OpenHandler = Callable[[Connection], Awaitable[None]]
 MessageHandler = Callable[[Connection, dict[str, Any]], Awaitable[None]]
@@ -41,8 +142,8 @@ DepartedHandler = Callable[[Hub, str, list[str]], Awaitable[None]]
 _F = TypeVar("_F", bound=Callable[..., Awaitable[None]])
 
 BUILTIN = {
-    "chat": "shoal.server.apps.chat:app",
-    "echo": "shoal.server.apps.echo:app",
+    "chat": "shoal.workers.apps.chat:app",
+    "echo": "shoal.workers.apps.echo:app",
 }
 
 
@@ -73,16 +174,19 @@ class App:
         """Run when a client is gone, whatever the cause, before its state is removed.
 
         Rooms and channels the handler does not leave are left afterwards, silently.
+        If Redis is unreachable while it runs (it raises `ServiceUnavailable`), the
+        connection is announced later through `on_departed`, once Redis is back.
         """
         self.close_handler = handler
         return handler
 
     def on_departed(self, handler: DepartedHandler) -> DepartedHandler:
-        """Run as `handler(hub, user_id, rooms)` for each connection that vanished with a
-        worker or node that died: no `on_close` ran for it, and its state is already gone.
+        """Run as `handler(hub, user_id, rooms)` for each connection that went without its
+        `on_close` completing: its worker or node died, or Redis was unreachable when it
+        closed. Its state is already gone.
 
-        It runs on one live worker of the node that cleaned up after the dead one, so that
-        the application can tell the rooms, as `on_close` does for an ordinary close.
+        It runs on one live worker of the node that cleaned up, so that the application
+        can tell the rooms, as `on_close` does for an ordinary close.
         """
         self.departed_handler = handler
         return handler

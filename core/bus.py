@@ -1,0 +1,346 @@
+"""The message bus: Redis PUBLISH and SUBSCRIBE on two lean connections (`shoal.core.resp`).
+
+This is the hot path of every cross-worker message: see `resp` for why it does not go
+through redis-py.
+
+PUBLISH is fire-and-forget in Redis: a worker that is reconnecting misses what was
+published meanwhile. Senders get `ServiceUnavailable` for what they publish while the
+bus is down, or while Redis has left a publish unanswered for `redis.stall_timeout`
+seconds; clients resync on reconnect.
+
+Pub/sub replies are matched to the commands that caused them. Redis confirms a
+`SUBSCRIBE a b` with one push per channel, in order, or refuses the whole command with
+one error reply (an ACL `NOPERM`, say). The bus keeps the commands it sent in order, so
+an error fails exactly the subscriptions it refused, and every other room of the worker
+goes on receiving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoal.core.errors import RedisReplyError, RedisUnavailable, ServiceUnavailable
+from shoal.core.resp import Link, RedisAddress, Timeouts, open_link, tick
+
+logger = logging.getLogger(__name__)
+
+_MESSAGE = b"message"
+_SUBSCRIBE = b"subscribe"
+_UNSUBSCRIBE = b"unsubscribe"
+_PONG = b"pong"
+_PUSH_KINDS = frozenset((_MESSAGE, _SUBSCRIBE, _UNSUBSCRIBE, _PONG))
+_SUBSCRIBE_CHUNK = 512
+
+OnMessages = Callable[[list[tuple[bytes, bytes]]], None]
+
+
+@dataclass(slots=True)
+class _Sent:
+    """A SUBSCRIBE or UNSUBSCRIBE on the subscriber connection, not yet fully answered."""
+
+    kind: bytes
+    channels: collections.deque[bytes] = field(default_factory=collections.deque)
+
+
+class Bus:
+    """PUBLISH and SUBSCRIBE for one worker, reconnecting on its own.
+
+    Subscriptions are reference-counted per channel: the first `subscribe()` sends
+    SUBSCRIBE and waits for Redis to confirm it, later ones return at once; the last
+    `unsubscribe()` sends UNSUBSCRIBE. After a reconnect every channel still wanted is
+    subscribed again, and the bus counts as up only once Redis confirmed them all.
+
+    Args:
+        address: the Redis server.
+        on_messages: called with `[(channel, data), ...]`, every message of one read from
+            Redis in order, inside the read callback: it must not block.
+        on_state: called with True when both connections are up, False when one drops.
+        timeouts: connection limits; see `shoal.core.resp.Timeouts`.
+    """
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        on_messages: OnMessages,
+        on_state: Callable[[bool], None] | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        self.address = address
+        self.on_messages = on_messages
+        self.on_state = on_state
+        self.timeouts = timeouts or Timeouts()
+        self.wanted: dict[bytes, int] = {}
+        self.confirmations: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
+        self.publisher: Link | None = None
+        self.subscriber: Link | None = None
+        self.up = False
+        self._sent: collections.deque[_Sent] = collections.deque()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    async def start(self) -> None:
+        """Connect both links once, then keep them connected in the background.
+
+        Returns even if Redis is unreachable: the bus keeps retrying, and `up` says so.
+        """
+        await self._connect_missing()
+        self._tasks = [
+            asyncio.create_task(self._reconnect(), name="bus-reconnect"),
+            asyncio.create_task(self._monitor(), name="bus-monitor"),
+        ]
+
+    @property
+    def stalled(self) -> bool:
+        """Redis has left a publish unanswered past `stall_timeout`: publishes fail."""
+        return self.publisher is not None and self.publisher.stalled
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The bus's background loops, for the owner to supervise."""
+        return self._tasks
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for link in (self.publisher, self.subscriber):
+            if link is not None:
+                link.close()
+
+    def post(self, channel: bytes, data: bytes) -> None:
+        """Publish `data` on `channel` without waiting for Redis's reply.
+
+        Handlers that do not wait go on with the client's next message in the same loop
+        turn, so a burst of messages leaves in one write and comes back from Redis in one
+        read, which the hub then writes once per client.
+
+        Raises:
+            RedisUnavailable: the bus is not connected, or Redis stopped answering.
+        """
+        if self.publisher is None:
+            raise RedisUnavailable()
+        self.publisher.send_unanswered(b"PUBLISH", channel, data)
+
+    async def subscribe(self, channel: bytes) -> None:
+        """Count one more local interest in `channel`; return once Redis delivers it here.
+
+        Raises:
+            ServiceUnavailable: the bus is down, or Redis refused the subscription
+                (`RedisNoPermission` for an ACL that denies the channel). The interest
+                is not counted.
+        """
+        link = self.subscriber
+        if link is None:
+            raise RedisUnavailable()
+        count = self.wanted.get(channel, 0)
+        waiters = self.confirmations.get(channel)
+        if count == 0:
+            self._send(link, _SUBSCRIBE, [channel])  # raises before anything is counted
+            waiter: asyncio.Future[None] = link.loop.create_future()
+            self.confirmations.setdefault(channel, collections.deque()).append(waiter)
+        elif waiters:
+            waiter = waiters[-1]
+        else:
+            self.wanted[channel] = count + 1
+            return
+        self.wanted[channel] = count + 1
+        try:
+            await asyncio.shield(waiter)
+        except ServiceUnavailable:
+            self.unsubscribe(channel)
+            raise
+
+    def unsubscribe(self, channel: bytes) -> None:
+        """Count one less local interest in `channel`; UNSUBSCRIBE when none is left."""
+        count = self.wanted.get(channel, 0) - 1
+        if count > 0:
+            self.wanted[channel] = count
+            return
+        self.wanted.pop(channel, None)
+        link = self.subscriber
+        if link is not None:
+            try:
+                self._send(link, _UNSUBSCRIBE, [channel])
+            except RedisUnavailable:
+                # The connection is going: a new one subscribes only to what is wanted.
+                link.abort("redis subscriber connection cannot take an UNSUBSCRIBE")
+
+    def _send(self, link: Link, kind: bytes, channels: list[bytes]) -> None:
+        link.send_quiet(kind.upper(), *channels)
+        self._sent.append(_Sent(kind, collections.deque(channels)))
+        link.awaiting_pushes += len(channels)
+
+    # Replies on the subscriber connection
+
+    def _on_push(self, replies: list[list[Any]]) -> None:
+        messages = []
+        for reply in replies:
+            kind = reply[0]
+            if kind == _MESSAGE:
+                messages.append((reply[1], reply[2]))
+            elif kind != _PONG:
+                self._answered(kind, reply[1])
+        if messages:
+            self.on_messages(messages)
+
+    def _answered(self, kind: bytes, channel: bytes) -> None:
+        sent = self._sent[0] if self._sent else None
+        if sent is None or sent.kind != kind or not sent.channels or sent.channels[0] != channel:
+            logger.warning("redis confirmed %s %r out of order; ignored", kind, channel)
+            return
+        sent.channels.popleft()
+        if self.subscriber is not None:
+            self.subscriber.awaiting_pushes -= 1
+        if not sent.channels:
+            self._sent.popleft()
+        if kind == _SUBSCRIBE:
+            self._settle(channel, None)
+
+    def _on_stray(self, reply: Any) -> None:
+        if not isinstance(reply, RedisReplyError) or not self._sent:
+            logger.warning("redis sent the subscriber a reply nothing asked for: %r", reply)
+            return
+        sent = self._sent.popleft()
+        if self.subscriber is not None:
+            self.subscriber.awaiting_pushes -= len(sent.channels)
+        if sent.kind == _SUBSCRIBE and len(sent.channels) > 1 and self.subscriber is not None:
+            # One refused channel fails the whole command: find which, one by one.
+            for channel in sent.channels:
+                self._send(self.subscriber, _SUBSCRIBE, [channel])
+            return
+        for channel in sent.channels:
+            logger.error("redis refused %s %r: %s", sent.kind.decode(), channel, reply)
+            if sent.kind == _SUBSCRIBE:
+                self._settle(channel, reply)
+
+    def _settle(self, channel: bytes, error: ServiceUnavailable | None) -> None:
+        waiters = self.confirmations.get(channel)
+        if not waiters:
+            return
+        waiter = waiters.popleft()
+        if not waiters:
+            del self.confirmations[channel]
+        if waiter.done():
+            return
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)
+            waiter.exception()  # its joiner may have left: never "never retrieved"
+
+    # Connections
+
+    def _on_lost(self, link: Link) -> None:
+        if link is self.publisher:
+            self.publisher = None
+        elif link is self.subscriber:
+            self.subscriber = None
+            self._sent.clear()
+            error = RedisUnavailable()
+            for waiters in self.confirmations.values():
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(error)
+                        waiter.exception()
+            self.confirmations.clear()
+        else:
+            return  # a link that failed while opening: _connect_missing() reports it
+        if not self._closing:
+            logger.warning("redis bus connection to %s lost; reconnecting", self.address)
+        self._set_state()
+        self._wake.set()
+
+    def _set_state(self) -> None:
+        up = self.publisher is not None and self.subscriber is not None
+        if up != self.up:
+            self.up = up
+            if self.on_state is not None:
+                self.on_state(up)
+
+    async def _monitor(self) -> None:
+        period = tick(self.timeouts)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            for link in (self.publisher, self.subscriber):
+                if link is not None:
+                    link.check(now)
+
+    async def _reconnect(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            attempt = 0
+            while not self._closing and (self.publisher is None or self.subscriber is None):
+                await asyncio.sleep(self.timeouts.backoff(attempt))
+                if await self._connect_missing():
+                    logger.info("redis bus reconnected to %s", self.address)
+                    attempt = 0
+                else:
+                    attempt += 1
+
+    async def _connect_missing(self) -> bool:
+        try:
+            if self.publisher is None:
+                self.publisher = await self._open(None)
+            if self.subscriber is None:
+                await self._open_subscriber()
+        except ServiceUnavailable as exc:
+            logger.debug("redis bus cannot connect to %s: %r", self.address, exc)
+            return False
+        finally:
+            self._set_state()
+        return True
+
+    async def _open_subscriber(self) -> None:
+        """Open the subscriber and subscribe to every channel still wanted, confirmed.
+
+        Raises:
+            ServiceUnavailable: Redis did not confirm in time, or the link broke.
+        """
+        link = await self._open(self._on_push)
+        self._sent.clear()
+        waiters = []
+        for chunk in _chunks(list(self.wanted), _SUBSCRIBE_CHUNK):
+            self._send(link, _SUBSCRIBE, chunk)
+            for channel in chunk:
+                waiter: asyncio.Future[None] = link.loop.create_future()
+                self.confirmations.setdefault(channel, collections.deque()).append(waiter)
+                waiters.append(waiter)
+        # Until it is the subscriber, a loss must fail these waiters here.
+        self.subscriber = link
+        try:
+            async with asyncio.timeout(self.timeouts.socket):
+                results = await asyncio.gather(*waiters, return_exceptions=True)
+        except TimeoutError:
+            link.abort("redis did not confirm the bus's subscriptions")
+            raise RedisUnavailable() from None
+        refused = sum(1 for result in results if isinstance(result, BaseException))
+        if refused and self.subscriber is None:
+            raise RedisUnavailable()  # the connection was lost meanwhile
+        if refused:
+            logger.error("redis refused %d of the bus's %d subscriptions", refused, len(waiters))
+
+    async def _open(self, on_push: Callable[[list[list[Any]]], None] | None) -> Link:
+        # Pub/sub ignores database numbers, so no SELECT.
+        return await open_link(
+            self.address,
+            self.timeouts,
+            on_push=on_push,
+            on_lost=self._on_lost,
+            on_stray=self._on_stray if on_push is not None else None,
+            push_kinds=_PUSH_KINDS,
+            select_db=False,
+        )
+
+
+def _chunks(items: list[bytes], size: int) -> Iterable[list[bytes]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

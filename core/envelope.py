@@ -1,0 +1,76 @@
+"""What travels on the bus: small, typed, versioned msgpack envelopes, with no I/O.
+
+Every envelope is a msgpack array whose first item is the format version and whose
+second is its kind:
+
+- `[1, 1, text, payload, target]`, a `Message`: `payload` is the encoded client message
+  and `text` says whether it goes out as a text or a binary frame. `target` is the
+  connection to leave out (room, channel and global channels, or nil) or the list of
+  recipient connections (a worker's own channel).
+- `[1, 2, [[user_id, [room, ...]], ...]]`, `Departed`: sent to one worker's channel after
+  connections went without their `on_close` completing (their worker or node died, or
+  Redis was unreachable when they closed), so that the application can tell their rooms.
+
+Nodes of different versions may share a Redis during a rolling upgrade: an envelope of
+an unknown version or kind raises `EnvelopeError`, which the receiver logs and skips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import msgpack
+
+from shoal.core.errors import EnvelopeError
+
+VERSION = 1
+_MESSAGE = 1
+_DEPARTED = 2
+
+
+class Message(NamedTuple):
+    """A client message for the recipients the channel and `target` select."""
+
+    text: bool
+    payload: bytes
+    target: str | list[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Departed:
+    """Users whose connections went without `on_close`, and the rooms they were in."""
+
+    users: list[tuple[str, list[str]]]
+
+
+def message(payload: bytes, target: str | list[str] | None, *, text: bool = True) -> bytes:
+    return msgpack.packb((VERSION, _MESSAGE, text, payload, target))
+
+
+def departed(users: Iterable[tuple[str, Sequence[str]]]) -> bytes:
+    return msgpack.packb((VERSION, _DEPARTED, [[user, list(rooms)] for user, rooms in users]))
+
+
+def unpack(data: bytes) -> Message | Departed:
+    """Decode one envelope.
+
+    Raises:
+        EnvelopeError: not an envelope, or one of a version or kind this code does not know.
+    """
+    try:
+        fields = msgpack.unpackb(data)
+        version, kind = fields[0], fields[1]
+    except (ValueError, TypeError, IndexError, KeyError, msgpack.ExtraData) as exc:
+        raise EnvelopeError(f"not a bus envelope: {data[:32]!r}") from exc
+    if version != VERSION:
+        raise EnvelopeError(f"bus envelope of unknown version {version!r}")
+    try:
+        if kind == _MESSAGE:
+            return Message(*fields[2:])
+        if kind == _DEPARTED:
+            return Departed([(user, rooms) for user, rooms in fields[2]])
+    except (ValueError, TypeError) as exc:
+        raise EnvelopeError(f"malformed bus envelope of kind {kind!r}") from exc
+    raise EnvelopeError(f"bus envelope of unknown kind {kind!r}")

@@ -1,0 +1,108 @@
+"""The error root of shoal: every failure shoal raises on purpose is a `ShoalError`.
+
+The protocol layer raises these; the I/O layer translates them, in one place, into an
+error frame, a close code or an exit status.
+
+Redis failures are translated at the client boundary (`shoal.core.resp`), so no caller
+ever sees a hiredis or socket exception. Two branches, as in websockets' own tree: Redis
+cannot be reached or answered too late (`RedisUnavailable`), and Redis answered with an
+error (`RedisReplyError`). Both are `ServiceUnavailable` to a client. Each reply error
+Redis sends while it is busy, loading, out of memory or a read-only replica has a class
+of its own, so that callers decide deliberately: retry, degrade, or log and go on.
+"""
+
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    """Root of every error shoal raises on purpose."""
+
+
+class ConfigError(ShoalError):
+    """The configuration is invalid. The message names the key and the problem."""
+
+
+class BootError(ShoalError):
+    """A worker cannot start for a reason that retrying does not fix (port taken,
+    application import failed, ...)."""
+
+
+class ProtocolError(ShoalError):
+    """A client message cannot be served; its text goes back in an error frame."""
+
+
+class ServiceUnavailable(ProtocolError):
+    """Redis cannot serve the request right now; the client may retry."""
+
+    def __init__(self, message: str = "Service unavailable") -> None:
+        super().__init__(message)
+
+
+class RedisUnavailable(ServiceUnavailable):
+    """Redis cannot be reached, the connection broke, or it stalled past its timeout."""
+
+
+class RedisReplyError(ServiceUnavailable):
+    """Redis answered a command with an error reply.
+
+    Attributes:
+        reply: the error text as Redis sent it, e.g. `OOM command not allowed ...`.
+        transient: whether the same command may succeed later without anyone acting.
+    """
+
+    transient = False
+
+    def __init__(self, reply: str) -> None:
+        super().__init__()
+        self.reply = reply
+
+    def __str__(self) -> str:
+        return self.reply
+
+
+class RedisLoading(RedisReplyError):
+    """`LOADING`: Redis is loading its dataset after a restart. Retry."""
+
+    transient = True
+
+
+class RedisBusy(RedisReplyError):
+    """`BUSY`: a script is running too long. Retry."""
+
+    transient = True
+
+
+class RedisReadOnly(RedisReplyError):
+    """`READONLY`: the server is a replica, e.g. mid-failover. Reconnect, then retry."""
+
+    transient = True
+
+
+class RedisOutOfMemory(RedisReplyError):
+    """`OOM`: Redis reached `maxmemory`. Writes fail until memory is freed; reads work."""
+
+    transient = True
+
+
+class RedisNoPermission(RedisReplyError):
+    """`NOPERM` / `NOAUTH` / `WRONGPASS`: the ACL user lacks a right. An operator must act."""
+
+
+class EnvelopeError(ShoalError):
+    """A bus message could not be decoded (a newer envelope version, or garbage)."""
+
+
+_REPLY_ERRORS: dict[str, type[RedisReplyError]] = {
+    "LOADING": RedisLoading,
+    "BUSY": RedisBusy,
+    "READONLY": RedisReadOnly,
+    "OOM": RedisOutOfMemory,
+    "NOPERM": RedisNoPermission,
+    "NOAUTH": RedisNoPermission,
+    "WRONGPASS": RedisNoPermission,
+}
+
+
+def reply_error(reply: str) -> RedisReplyError:
+    """The shoal error for a Redis error reply, chosen by its first word."""
+    return _REPLY_ERRORS.get(reply.partition(" ")[0], RedisReplyError)(reply)

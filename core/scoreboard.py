@@ -1,0 +1,95 @@
+"""Shared memory between the master and its children: who is up, how busy, how alive.
+
+The master allocates it before forking, with one seat per child it may run at once (a
+rolling reload runs an old and a new worker side by side, so there are more seats than
+workers). Each child writes only its own seat, so no lock is needed; sums over seats
+(connections on this node) may be a moment stale.
+
+The master writes one field of a child's seat: the close code the child's clients get
+when it is told to stop (1001 for a stop, 1012 for a reload), before it signals it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from multiprocessing.sharedctypes import RawArray
+from typing import Any
+
+
+class Scoreboard:
+    def __init__(self, seats: int) -> None:
+        self.seats = seats
+        self._pid: Any = RawArray(ctypes.c_int64, seats)
+        self._ready: Any = RawArray(ctypes.c_int8, seats)
+        self._serving: Any = RawArray(ctypes.c_int8, seats)
+        self._beat: Any = RawArray(ctypes.c_double, seats)
+        self._connections: Any = RawArray(ctypes.c_int64, seats)
+        self._close_code: Any = RawArray(ctypes.c_int32, seats)
+
+    def claim(self, seat: int, pid: int, now: float, *, serving: bool) -> None:
+        """Master: a new child process owns `seat`.
+
+        Args:
+            serving: the child serves WebSocket clients (it counts in `workers_alive`).
+        """
+        self._pid[seat] = pid
+        self._ready[seat] = 0
+        self._serving[seat] = int(serving)
+        self._beat[seat] = now
+        self._connections[seat] = 0
+        self._close_code[seat] = 0
+
+    def release(self, seat: int) -> None:
+        """Master: the child in `seat` is gone."""
+        self._pid[seat] = 0
+        self._ready[seat] = 0
+        self._serving[seat] = 0
+        self._connections[seat] = 0
+
+    def free_seat(self) -> int:
+        """Master: a seat no child holds.
+
+        Raises:
+            RuntimeError: every seat is taken (the master sized the board too small).
+        """
+        for seat in range(self.seats):
+            if not self._pid[seat]:
+                return seat
+        raise RuntimeError("scoreboard full")
+
+    def set_ready(self, seat: int) -> None:
+        """Child: I finished starting."""
+        self._ready[seat] = 1
+
+    def is_ready(self, seat: int) -> bool:
+        return bool(self._ready[seat])
+
+    def beat(self, seat: int, now: float) -> None:
+        """Child: my event loop is running (`now` from `time.monotonic()`)."""
+        self._beat[seat] = now
+
+    def last_beat(self, seat: int) -> float:
+        return float(self._beat[seat])
+
+    def set_connections(self, seat: int, count: int) -> None:
+        self._connections[seat] = count
+
+    def connections(self) -> int:
+        """Connections admitted on this node, all workers together."""
+        return int(sum(self._connections))
+
+    def set_close_code(self, seat: int, code: int) -> None:
+        """Master: what the child in `seat` closes its clients with when told to stop."""
+        self._close_code[seat] = code
+
+    def close_code(self, seat: int) -> int:
+        """Child: the close code the master asked for; 0 when it asked for none."""
+        return int(self._close_code[seat])
+
+    def workers_alive(self) -> int:
+        """WebSocket workers of this node that are running and finished starting."""
+        return sum(
+            1
+            for seat in range(self.seats)
+            if self._pid[seat] and self._ready[seat] and self._serving[seat]
+        )

@@ -1,0 +1,180 @@
+"""The node's housekeeper: a child process that keeps Redis clean on the master's behalf.
+
+The master never talks to Redis once it has forked: a hung Redis must not delay reaping,
+respawning or acting on a signal. Whatever the master learns that Redis must hear goes
+to this process through a pipe, one line per event, and it does the Redis work here:
+
+- a worker of this node died: remove its connections' state at once (its heartbeat key
+  would only expire after `redis.heartbeat_ttl`);
+- every `redis.heartbeat_ttl / 2` seconds: sweep workers of any node whose heartbeat
+  expired (a whole node died);
+- after either: have a live worker of this node run the application's `on_departed` for
+  the connections removed, through the `AsyncEmitter`, so that their rooms are told.
+
+Nothing is dropped while Redis is away: dead workers and untold departures are kept and
+retried, with jittered backoff, until Redis answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import redis
+import uvloop
+
+from shoal.config.model import Config
+from shoal.core.backoff import full_jitter
+from shoal.core.emitter import AsyncEmitter
+from shoal.core.errors import ServiceUnavailable
+from shoal.core.keys import Keys
+from shoal.core.registry import Departure, Registry, connect
+from shoal.core.resp import Timeouts
+from shoal.core.scoreboard import Scoreboard
+
+logger = logging.getLogger(__name__)
+
+_BEAT_PERIOD = 1.0
+_RedisFailure = (ServiceUnavailable, redis.RedisError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """What the master gives the housekeeper it forks."""
+
+    config: Config
+    seat: int
+    node_id: str
+    redis_url: str
+    scoreboard: Scoreboard
+    master_pid: int
+    inbox: int
+    """The read end of the master's pipe: one dead worker id per line."""
+
+
+class Housekeeper:
+    def __init__(self, placement: Placement) -> None:
+        self.placement = placement
+        config = placement.config
+        self.registry = Registry(
+            connect(placement.redis_url, Timeouts.from_config(config.redis)),
+            Keys(config.redis.prefix),
+            placement.node_id,
+        )
+        self.emitter = AsyncEmitter(placement.redis_url, config.redis.prefix)
+        self.dead: list[str] = []
+        self.untold: list[Departure] = []
+        self.stopping = asyncio.Event()
+        self.work = asyncio.Event()
+        self._partial = b""
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        loop.add_reader(self.placement.inbox, self._read)
+        self.placement.scoreboard.set_ready(self.placement.seat)
+        loops = [
+            asyncio.create_task(self._beat(), name="beat"),
+            asyncio.create_task(self._clean(), name="clean"),
+            asyncio.create_task(self._sweep(), name="sweep"),
+        ]
+        stop = asyncio.create_task(self.stopping.wait(), name="stop")
+        done, _ = await asyncio.wait([stop, *loops], return_when=asyncio.FIRST_COMPLETED)
+        status = 0
+        for task in done - {stop}:
+            error = task.exception() if not task.cancelled() else None
+            logger.error("housekeeper loop %r ended (%r)", task.get_name(), error, exc_info=error)
+            status = 1
+        for task in [stop, *loops]:
+            task.cancel()
+        await self.registry.redis.close()
+        await self.emitter.close()
+        return status
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.placement.inbox, 65536)
+        except BlockingIOError:
+            return
+        if not data:  # the master is gone
+            asyncio.get_running_loop().remove_reader(self.placement.inbox)
+            self.stopping.set()
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        self.dead += [line.decode() for line in lines if line]
+        self.work.set()
+
+    async def _beat(self) -> None:
+        placement = self.placement
+        while True:
+            placement.scoreboard.beat(placement.seat, time.monotonic())
+            if os.getppid() != placement.master_pid:
+                logger.error("master process is gone; stopping")
+                self.stopping.set()
+            await asyncio.sleep(_BEAT_PERIOD)
+
+    async def _clean(self) -> None:
+        """Forget dead workers and tell departures, retrying until Redis answers."""
+        attempt = 0
+        while True:
+            if not (self.dead or self.untold):
+                await self.work.wait()
+            self.work.clear()
+            try:
+                while self.dead:
+                    wid = self.dead[0]
+                    self.untold += await self.registry.forget_worker(wid)
+                    self.dead.pop(0)
+                if self.untold:
+                    await self._tell()
+                attempt = 0
+            except _RedisFailure as exc:
+                delay = full_jitter(attempt, 0.2, 5.0)
+                if attempt == 0:
+                    logger.warning("redis unavailable for clean-up (%r); retrying", exc)
+                attempt += 1
+                await asyncio.sleep(delay)
+                self.work.set()
+
+    async def _tell(self) -> None:
+        """Have a live worker of this node tell the rooms of `untold` departures.
+
+        With none ready (a one-worker node whose worker is being respawned), they wait.
+        """
+        workers = await self.registry.node_workers()
+        if not workers:
+            await asyncio.sleep(_BEAT_PERIOD)
+            self.work.set()
+            return
+        untold, self.untold = self.untold, []
+        try:
+            await self.emitter.tell_departed(workers[0], ((d.user, d.rooms) for d in untold))
+        except BaseException:
+            self.untold = untold + self.untold
+            raise
+
+    async def _sweep(self) -> None:
+        period = self.placement.config.redis.heartbeat_ttl / 2
+        while True:
+            await asyncio.sleep(period)
+            try:
+                swept = await self.registry.sweep()
+            except _RedisFailure as exc:
+                logger.debug("redis unavailable; sweep skipped: %r", exc)
+                continue
+            if swept:
+                logger.info("swept state of dead workers: %s", ", ".join(swept))
+                self.untold += [d for departed in swept.values() for d in departed]
+                self.work.set()
+
+
+def run(placement: Placement) -> int:
+    """Run the housekeeper in this (freshly forked) process. Returns its exit status."""
+    faulthandler.enable()
+    return uvloop.run(Housekeeper(placement).run())
