@@ -89,7 +89,8 @@ class Bus:
 
         Returns even if Redis is unreachable: the bus keeps retrying, and `up` says so.
         """
-        await self._connect_missing()
+        if not await self._connect_missing():
+            self._wake.set()  # the reconnect loop takes it from here
         self._tasks = [
             asyncio.create_task(self._reconnect(), name="bus-reconnect"),
             asyncio.create_task(self._monitor(), name="bus-monitor"),
@@ -176,6 +177,12 @@ class Bus:
         self._sent.append(_Sent(kind, collections.deque(channels)))
         link.awaiting_pushes += len(channels)
 
+    def _ping(self, link: Link) -> None:
+        # In pub/sub mode Redis answers PING with a ["pong", ""] push, in order.
+        link.send_quiet(b"PING", health_check=True)
+        self._sent.append(_Sent(_PONG, collections.deque([b""])))
+        link.awaiting_pushes += 1
+
     # Replies on the subscriber connection
 
     def _on_push(self, replies: list[list[Any]]) -> None:
@@ -184,7 +191,7 @@ class Bus:
             kind = reply[0]
             if kind == _MESSAGE:
                 messages.append((reply[1], reply[2]))
-            elif kind != _PONG:
+            else:
                 self._answered(kind, reply[1])
         if messages:
             self.on_messages(messages)
@@ -209,13 +216,26 @@ class Bus:
         sent = self._sent.popleft()
         if self.subscriber is not None:
             self.subscriber.awaiting_pushes -= len(sent.channels)
+        if sent.kind == _PONG:
+            return  # a health check answered BUSY or LOADING: the link says so itself
+        if reply.transient:
+            # Redis refuses everyone for now: no channel is at fault.
+            for channel in sent.channels:
+                if sent.kind == _SUBSCRIBE:
+                    self._settle(channel, reply)
+            return
         if sent.kind == _SUBSCRIBE and len(sent.channels) > 1 and self.subscriber is not None:
             # One refused channel fails the whole command: find which, one by one.
             for channel in sent.channels:
                 self._send(self.subscriber, _SUBSCRIBE, [channel])
             return
         for channel in sent.channels:
-            logger.error("redis refused %s %r: %s", sent.kind.decode(), channel, reply)
+            logger.error(
+                "redis refused %s %s: %s",
+                sent.kind.decode().upper(),
+                channel.decode(errors="replace"),
+                reply,
+            )
             if sent.kind == _SUBSCRIBE:
                 self._settle(channel, reply)
 
@@ -322,15 +342,21 @@ class Bus:
         except TimeoutError:
             link.abort("redis did not confirm the bus's subscriptions")
             raise RedisUnavailable() from None
-        refused = sum(1 for result in results if isinstance(result, BaseException))
+        refused = [result for result in results if isinstance(result, BaseException)]
         if refused and self.subscriber is None:
             raise RedisUnavailable()  # the connection was lost meanwhile
+        if any(getattr(error, "transient", False) for error in refused):
+            # Busy or loading: try the whole set again later rather than go up without it.
+            link.abort("redis could not take the bus's subscriptions yet")
+            raise RedisUnavailable()
         if refused:
-            logger.error("redis refused %d of the bus's %d subscriptions", refused, len(waiters))
+            logger.error(
+                "redis refused %d of the bus's %d subscriptions", len(refused), len(waiters)
+            )
 
     async def _open(self, on_push: Callable[[list[list[Any]]], None] | None) -> Link:
         # Pub/sub ignores database numbers, so no SELECT.
-        return await open_link(
+        link = await open_link(
             self.address,
             self.timeouts,
             on_push=on_push,
@@ -339,6 +365,9 @@ class Bus:
             push_kinds=_PUSH_KINDS,
             select_db=False,
         )
+        if on_push is not None:
+            link.on_ping = lambda: self._ping(link)
+        return link
 
 
 def _chunks(items: list[bytes], size: int) -> Iterable[list[bytes]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,19 +239,25 @@ class Registry:
         """Remove a worker that is gone and all its connections. Returns those removed."""
         return await forget_worker(self.redis, self.keys, wid)
 
-    async def sweep(self) -> dict[str, list[Departure]]:
-        """Remove the state of every worker whose heartbeat expired, on any node.
+    async def expired(self) -> list[str]:
+        """Registered workers, of any node, whose heartbeat key is gone."""
+        workers: list[str] = await self.redis.execute("HKEYS", self.keys.workers)
+        if not workers:
+            return []
+        alive = await self.redis.pipeline([("EXISTS", self.keys.alive(w)) for w in workers])
+        return [wid for wid, is_alive in zip(workers, alive, strict=True) if not is_alive]
+
+    async def sweep(self, only: Collection[str] | None = None) -> dict[str, list[Departure]]:
+        """Remove the state of every worker whose heartbeat expired (of those in `only`).
 
         Returns, for each worker swept by this call, the connections removed.
         """
-        workers: list[str] = await self.redis.execute("HKEYS", self.keys.workers)
-        if not workers:
-            return {}
-        alive = await self.redis.pipeline([("EXISTS", self.keys.alive(w)) for w in workers])
         swept = {}
-        for wid, is_alive in zip(workers, alive, strict=True):
+        for wid in await self.expired():
+            if only is not None and wid not in only:
+                continue
             # HDEL is the claim: of several nodes sweeping at once, one cleans each worker.
-            if not is_alive and await self.redis.execute("HDEL", self.keys.workers, wid):
+            if await self.redis.execute("HDEL", self.keys.workers, wid):
                 swept[wid] = await forget_worker(self.redis, self.keys, wid, deregister=False)
         return swept
 

@@ -41,6 +41,8 @@ from redis.connection import SSLConnection, parse_url
 from shoal.config.model import RedisConfig
 from shoal.core.backoff import full_jitter
 from shoal.core.errors import (
+    RedisBusy,
+    RedisLoading,
     RedisReadOnly,
     RedisReplyError,
     RedisUnavailable,
@@ -53,6 +55,9 @@ OnPush = Callable[[list[list[Any]]], None]
 OnStray = Callable[[Any], None]
 
 _LOG_EVERY = 10.0  # seconds between two warnings of the same kind on one connection
+# Errors that say the whole server cannot serve anyone for now, not that one command
+# was wrong: until Redis answers normally again, commands fail without being sent.
+_SERVER_WIDE = (RedisBusy, RedisLoading)
 _PONGS = ("PONG", b"PONG")
 
 
@@ -176,7 +181,11 @@ class Link(asyncio.Protocol):
         self.ping_sent_at: float | None = None
         self.stalled = False
         self.paused = False
-        self.lost = False
+        # Set while Redis answers BUSY or LOADING: new commands fail at once with it.
+        self.refusing: RedisReplyError | None = None
+        # How a connection in pub/sub mode sends its health check: its owner matches
+        # replies to commands in order, so it must send the PING itself.
+        self.on_ping: Callable[[], None] | None = None
         self._logged: dict[str, float] = {}
 
     # asyncio.Protocol
@@ -219,8 +228,15 @@ class Link(asyncio.Protocol):
                 and reply[0] in self.push_kinds
             ):
                 pushed.append(reply)
+                self.refusing = None
                 continue
             error = reply_error(str(reply)) if type(reply) is hiredis.ReplyError else None
+            if error is None:
+                self.refusing = None
+            elif type(error) in _SERVER_WIDE:
+                if self.refusing is None:
+                    self._warn("busy", "%s; refusing commands until it answers again", error)
+                self.refusing = error
             readonly = readonly or type(error) is RedisReadOnly
             if not self.pending:
                 self._stray(error or reply)
@@ -246,7 +262,6 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self.lost = True
         error = RedisUnavailable()
         while self.pending:
             waiter = self.pending.popleft()
@@ -278,20 +293,30 @@ class Link(asyncio.Protocol):
         self._queue(hiredis.pack_command(args))
         self.pending.append(None)
 
-    def send_quiet(self, *args: Any) -> None:
+    def send_quiet(self, *args: Any, health_check: bool = False) -> None:
         """Queue a command whose only replies are push messages (SUBSCRIBE, UNSUBSCRIBE),
         or errors that `on_stray` receives.
+
+        Args:
+            health_check: send it even while Redis refuses commands (a PING).
 
         Raises:
             RedisUnavailable: as `send()`.
         """
-        self._queue(hiredis.pack_command(args))
+        packed = hiredis.pack_command(args)
+        if health_check and self.transport is not None:
+            self._write(packed)
+        else:
+            self._queue(packed)
 
     def _queue(self, packed: bytes) -> None:
-        if self.transport is None:
+        if self.transport is None or self.stalled or self.paused:
             raise RedisUnavailable()
-        if self.stalled or self.paused:
-            raise RedisUnavailable()
+        if self.refusing is not None:
+            raise type(self.refusing)(self.refusing.reply)
+        self._write(packed)
+
+    def _write(self, packed: bytes) -> None:
         if not self.outbox:
             self.loop.call_soon(self._flush)
         self.outbox.append(packed)
@@ -321,18 +346,31 @@ class Link(asyncio.Protocol):
             elif waited > timeouts.stall:
                 self.stalled = True
             return
+        if self.refusing is not None:
+            # Redis said it is busy or loading: ask again each tick, not each interval.
+            if self.ping_sent_at is None or self.last_read >= self.ping_sent_at:
+                self._ping(now)
+            return
         if self.on_push is None:
             # A PING is a command like any other: its reply is waited for as above.
             if now - self.last_read >= timeouts.health_check and not self.outbox:
-                self.send_unanswered("PING")
+                self._ping(now)
             return
         # A connection that only listens: its PING must be answered within `socket`.
         if self.ping_sent_at is not None and self.last_read < self.ping_sent_at:
             if now - self.ping_sent_at > timeouts.socket:
                 self.abort(f"no answer to a health check for {now - self.ping_sent_at:.1f} s")
         elif now - self.last_read >= timeouts.health_check:
-            self.send_quiet("PING")
-            self.ping_sent_at = now
+            self._ping(now)
+
+    def _ping(self, now: float) -> None:
+        """A health check, sent even while Redis refuses commands (to learn it stopped)."""
+        if self.on_ping is not None:
+            self.on_ping()
+        else:
+            self._write(hiredis.pack_command(("PING",)))
+            self.pending.append(None)
+        self.ping_sent_at = now
 
     def abort(self, why: str) -> None:
         """Close at once, dropping what is queued: the connection is broken or stalled."""

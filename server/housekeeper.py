@@ -160,11 +160,25 @@ class Housekeeper:
             raise
 
     async def _sweep(self) -> None:
-        period = self.placement.config.redis.heartbeat_ttl / 2
+        """Sweep workers whose heartbeat expired, on any node, once sure they are dead.
+
+        A worker is swept only when its heartbeat is still missing a heartbeat period
+        after it was first seen missing. After Redis itself stalled or was busy for
+        longer than the heartbeat TTL, every key expired at once: the first sweep after
+        it would otherwise take the state of live workers that were about to beat again,
+        and tell their rooms they left.
+        """
+        ttl = self.placement.config.redis.heartbeat_ttl
+        suspects: dict[str, float] = {}
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(ttl / 2)
             try:
-                swept = await self.registry.sweep()
+                missing = await self.registry.expired()
+                now = time.monotonic()
+                # Workers beat every ttl / 3; give them that and half as much again.
+                confirmed = {w for w in missing if now - suspects.get(w, now) >= ttl / 2}
+                suspects = {w: suspects.get(w, now) for w in missing}
+                swept = await self.registry.sweep(only=confirmed) if confirmed else {}
             except _RedisFailure as exc:
                 logger.debug("redis unavailable; sweep skipped: %r", exc)
                 continue

@@ -12,10 +12,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,20 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05
         time.sleep(interval)
 
 
+async def eventually(
+    predicate: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """`wait_until` for async predicates, without blocking the loop."""
+    deadline = time.monotonic() + timeout * SCALE
+    while True:
+        result = await predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout * SCALE:.1f}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
 class RedisServer:
     """A private redis-server on a free port, which tests may stop and start again."""
 
@@ -71,7 +86,11 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, decode_responses=True, socket_timeout=5)
 
-    def start(self) -> None:
+    def start(self, *extra: str, wait: bool = True) -> None:
+        """Start it; `extra` are more redis-server options (e.g. "--key-load-delay", "100").
+
+        With `wait`, return once it answers PING (not while it is still loading).
+        """
         assert self.binary is not None
         self.process = subprocess.Popen(
             [
@@ -86,27 +105,117 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.directory,
+                *extra,
             ],
             stdout=subprocess.DEVNULL,
         )
+        if wait:
+            wait_until(self.answers, 10, "redis-server to start")
 
-        def pong() -> bool:
-            try:
-                return bool(self.client().ping())
-            except redis.ConnectionError:
-                return False
-
-        wait_until(pong, 10, "redis-server to start")
+    def answers(self) -> bool:
+        """Whether it answers PING now (False while down, frozen, loading or busy)."""
+        try:
+            with redis.Redis(port=self.port, socket_timeout=0.5) as probe:
+                return bool(probe.ping())
+        except redis.RedisError:
+            return False
 
     def stop(self) -> None:
         if self.process is not None:
+            self.thaw()
             self.process.kill()
             self.process.wait()
             self.process = None
 
+    def freeze(self) -> None:
+        """SIGSTOP: Redis hangs with its connections open, as a stuck server does."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class BlackholeProxy:
+    """A TCP proxy to a local port, in a thread of its own, that can drop every byte of
+    the connections it holds without closing them: what a NAT or load balancer that
+    forgot a connection, or a failover without RST, leaves a client with (a half-open
+    connection). New connections are forwarded normally.
+
+    A thread, not the test's loop: tests block their loop in `wait_until`, and the
+    proxy must keep forwarding meanwhile.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.loop = asyncio.new_event_loop()
+        self.dropping: set[asyncio.Event] = set()
+        self.links: list[asyncio.Event] = []
+        self.accepted = 0
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def serve() -> None:
+            server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self.port = int(server.sockets[0].getsockname()[1])
+            ready.set()
+            async with server:
+                await server.serve_forever()
+
+        self.main = self.loop.create_task(serve())
+        with contextlib.suppress(asyncio.CancelledError):
+            self.loop.run_until_complete(self.main)
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        drop = asyncio.Event()
+        self.links.append(drop)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    if not drop.is_set():
+                        dst.write(data)
+                        await dst.drain()
+            if not drop.is_set():
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def blackhole(self) -> int:
+        """Drop everything on the connections open now; return how many there were."""
+        links = list(self.links)
+        for drop in links:
+            self.loop.call_soon_threadsafe(drop.set)
+        return len(links)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.main.cancel)
+        self.thread.join(5)
 
 
 class Shoal:
@@ -124,10 +233,24 @@ class Shoal:
         self.log_path = directory / f"shoal-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, wait: bool = True) -> Shoal:
+    def start(
+        self, *, wait: bool = True, app_path: Path | None = None, wrapper: tuple[str, ...] = ()
+    ) -> Shoal:
+        """Run `shoal serve`; with `wait`, return once every worker is up.
+
+        Args:
+            app_path: a folder to import applications from (PYTHONPATH).
+            wrapper: a command to run shoal under (e.g. `unshare ...`).
+        """
+        env = dict(os.environ)
+        if app_path is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(app_path), env.get("PYTHONPATH")])
+            )
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [*SHOAL, "serve", "--config", str(self.config_path)],
+                [*wrapper, *SHOAL, "serve", "--config", str(self.config_path)],
+                env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

@@ -116,6 +116,8 @@ class Worker:
         self.redis_state_up: bool | None = None
         self.state_beat = 0.0  # loop time of the last heartbeat Redis acknowledged
         self.gone: dict[str, _Gone] = {}
+        self.untold: list[tuple[str, list[str]]] = []
+        self.state_since = 0.0  # when the state was last found kept again after a failure
         self.stopping = asyncio.Event()
         self._heartbeat_lock = asyncio.Lock()
 
@@ -343,6 +345,9 @@ class Worker:
                 if handler is None:
                     raise ProtocolError("Unknown message type")
                 await handler(conn, message)
+        except ServiceUnavailable:
+            # Whatever Redis said stays in the log; the client learns it may retry.
+            await conn.send({"type": "error", "message": ServiceUnavailable().args[0]})
         except ProtocolError as exc:
             await conn.send({"type": "error", "message": str(exc)})
         except ConnectionClosed:
@@ -373,7 +378,8 @@ class Worker:
             self.gone[conn.id] = _Gone(conn.user_id, rooms, untold=not told)
             return
         if not told:
-            self._departed([(conn.user_id, list(rooms))])
+            self.untold.append((conn.user_id, list(rooms)))
+            self._announce()
 
     # Background loops
 
@@ -412,9 +418,29 @@ class Worker:
                 if strict:
                     raise
                 return
-        if self.redis_state_up is False:
-            logger.info("this worker's state is kept in redis again")
+        if not self.redis_state_up:
+            if self.redis_state_up is False:
+                logger.info("this worker's state is kept in redis again")
+            self.state_since = time.monotonic()
         self.redis_state_up = True
+        self._announce()
+
+    def _announce(self) -> None:
+        """Tell the rooms of connections that closed during an outage, once it is safe.
+
+        After Redis came back empty, every worker of every node writes its connections
+        back at its own pace; a room's members are only known again once they all have.
+        Waiting one heartbeat period after this worker's own recovery gives them that,
+        so that no departure is dropped as if its room were empty.
+        """
+        period = self.config.redis.heartbeat_ttl / 3
+        if not self.untold or not self.hub.bus.up:
+            return
+        if time.monotonic() - self.state_since < period:
+            return
+        untold, self.untold = self.untold, []
+        logger.info("telling the rooms of %d connections that closed during an outage", len(untold))
+        self._departed(untold)
 
     async def _keep_state(self) -> None:
         registry = self.hub.registry
@@ -427,18 +453,12 @@ class Worker:
                 )
             await registry.resync(snapshots)
         self.state_beat = time.monotonic()
-        untold: list[tuple[str, list[str]]] = []
         for cid, gone in list(self.gone.items()):
             await registry.remove_connection(cid)
             del self.gone[cid]
             if gone.untold:
-                untold.append((gone.user, list(gone.rooms)))
+                self.untold.append((gone.user, list(gone.rooms)))
         await self.hub.repair()
-        if untold:
-            logger.info(
-                "telling the rooms of %d connections that closed during an outage", len(untold)
-            )
-            self._departed(untold)
 
     async def _keepalive(self) -> None:
         """Ping clients silent for a check interval; close those silent for the idle time."""

@@ -56,11 +56,16 @@ async def goodbye(conn: Connection) -> None:
 
 @app.on_departed
 async def departed(hub: Hub, user_id: str, rooms: list[str]) -> None:
-    """A worker or node died with this user's connection: tell its rooms, as on close."""
+    """This user's connection went without on_close (its worker or node died, or Redis
+    was away when it closed): tell its rooms, as on close.
+
+    Unlike on close, the notice goes out even when Redis lists nobody in the room: after
+    Redis came back empty, the members' workers may not have written them back yet.
+    Publishing to a room nobody is in costs one PUBLISH that reaches no one.
+    """
     for room in rooms:
         remaining = await hub.room_members(room)
-        if remaining:
-            await hub.publish(room, _left(user_id, room, len(remaining)))
+        await hub.publish(room, _left(user_id, room, len(remaining)))
     if _announce():
         await hub.broadcast(_disconnected(user_id, await hub.total_users()))
 
