@@ -12,7 +12,8 @@ import asyncio
 import errno
 import logging
 import time
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from picows import (
@@ -25,9 +26,25 @@ from picows import (
     ws_connect,
 )
 
+from shoal.core import schema
+
 logger = logging.getLogger(__name__)
 
 _DATA_TYPES = (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION)
+
+# The schema names the `type` of each server message once, in SERVER_TYPES: read it back there.
+_TYPE_OF: dict[type[Any], str] = {kind: name for name, kind in schema.SERVER_TYPES.items()}
+
+_Message = TypeVar("_Message", bound=Mapping[str, object])
+
+
+def server_type(kind: type[Any]) -> str:
+    """The ``type`` of the schema's server message ``kind`` (``schema.Welcome``: ``"welcome"``).
+
+    Raises:
+        KeyError: ``kind`` is not one of the schema's server messages.
+    """
+    return _TYPE_OF[kind]
 
 
 class ClosedEarlyError(ConnectionError):
@@ -56,7 +73,7 @@ class Client(WSListener):
         self.disconnected = False
         self._parts: list[bytes] = []
         self._awaited: bytes | None = None
-        self._waiter: asyncio.Future[dict[str, object]] | None = None
+        self._waiter: asyncio.Future[Any] | None = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -96,16 +113,21 @@ class Client(WSListener):
             self.transport.send_close(WSCloseCode.OK)
             self.transport.disconnect()
 
-    def expect(self, message_type: str) -> asyncio.Future[dict[str, object]]:
-        """Future of the next message whose ``type`` is ``message_type``.
+    def expect(self, kind: type[_Message]) -> asyncio.Future[_Message]:
+        """Future of the next message of the schema's server message ``kind``.
+
+        ``kind`` is a class of :mod:`shoal.core.schema` (``schema.Welcome``); the
+        future's result is the decoded message with that ``type``, not validated
+        further: the server under test is not trusted, so read its fields with care.
 
         Arm it before the message can arrive (before connecting, before sending
         the request). Other messages arriving meanwhile are discarded: this is
         only used during setup (welcome, joined_room), before measured traffic.
         """
-        self._awaited = message_type.encode()
-        self._waiter = asyncio.get_running_loop().create_future()
-        return self._waiter
+        self._awaited = server_type(kind).encode()
+        waiter: asyncio.Future[_Message] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        return waiter
 
     def _deliver(self, payload: bytes) -> None:
         waiter = self._waiter
@@ -136,7 +158,7 @@ async def open_client(
     started = time.monotonic_ns()
     client = Client(index, sink)
     # Armed before connecting: the welcome may arrive in the same read as the 101.
-    welcome = client.expect("welcome") if wait_welcome else None
+    welcome = client.expect(schema.Welcome) if wait_welcome else None
     try:
         async with asyncio.timeout(limit_s):
             await ws_connect(lambda: client, url, websocket_handshake_timeout=None, max_redirects=0)

@@ -4,11 +4,17 @@ A driver runs inside one load process over that process's connections. The
 worker calls ``start`` at the common start time, ``stop`` at the end of the
 measured window, ``drain`` with the run-wide sent counts, then ``report``.
 New scenarios register a driver class in :data:`DRIVERS`.
+
+Every frame is pre-built once per sender as a %-template, so sending costs one
+%-format and no encoding. Stream messages are built from the message types of
+``shoal.core.schema`` (mypy checks their shape, :func:`check_templates` the bytes);
+the echo probe has a type of the bench's own, which the chat app echoes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,10 +22,11 @@ from typing import Any
 
 import orjson
 
-from shoal.bench.client import Client
+from shoal.bench.client import Client, server_type
 from shoal.bench.ledger import LedgerReport, SequenceLedger
 from shoal.bench.meter import Meter, MeterReport
 from shoal.bench.plan import RunPlan
+from shoal.core import schema
 
 _DRAIN_POLL_S = 0.01
 # Paced senders wake this often; fine enough for rates up to ~100k msgs/s per process.
@@ -39,10 +46,91 @@ class DriverReport:
     server_errors: Counter[str] = field(default_factory=Counter)
 
 
+PROBE_TYPE = "bench"
+"""The ``type`` of echo probes: one the chat app does not handle, so it answers each probe
+with an ``echo`` holding it (docs/protocol.md, "Any other type")."""
+
+StreamMessage = schema.ClientRoomMessage | schema.ClientBroadcast | schema.ClientPrivate
+"""What a sender of the fanout, broadcast and private scenarios sends."""
+
+# Stands for the payload while a message is encoded once; the payload template replaces it.
+_SLOT = "<payload>"
+_SLOT_JSON = orjson.dumps(_SLOT)
+
+
+@functools.cache  # every sender of a process shares one
 def _payload_template(size: int) -> bytes:
     # Pre-formatted: only src/seq/ts change per message, so %-formatting bytes
     # is several times cheaper than serialising a dict.
     return b'{"src":%d,"seq":%d,"ts":%d,"pad":"' + b"x" * size + b'"}'
+
+
+def _payload(plan: RunPlan, src: int, seq: int, ts: int) -> dict[str, Any]:
+    """The payload ``_payload_template`` formats for these numbers, decoded."""
+    return {"src": src, "seq": seq, "ts": ts, "pad": "x" * plan.size}
+
+
+def echo_template(plan: RunPlan) -> bytes:
+    """The %-template (src, seq, ts) of every echo probe of ``plan``."""
+    body = _payload_template(plan.size)
+    if plan.raw:
+        return body  # raw echo servers return the frame verbatim: no envelope
+    # The probe is the payload with its type first: {"type":"bench","src":...}.
+    return b'{"type":' + orjson.dumps(PROBE_TYPE) + b"," + body[1:]
+
+
+def stream_message(plan: RunPlan, index: int) -> StreamMessage:
+    """What sender ``index`` of ``plan``'s stream scenario sends, with a stand-in payload."""
+    if plan.scenario == "fanout":
+        return {"type": "room_message", "room": plan.room, "message": _SLOT}
+    if plan.scenario == "broadcast":
+        return {"type": "broadcast", "message": _SLOT}
+    return {"type": "private", "to": plan.user_id(index ^ 1), "message": _SLOT}
+
+
+def stream_template(plan: RunPlan, index: int) -> bytes:
+    """The %-template (src, seq, ts) of every message sender ``index`` sends.
+
+    Built once per sender from :func:`stream_message`, so the schema's type checks its
+    shape; sending then costs one %-format, no encoding.
+    """
+    # rpartition: the payload is the last field, even if a name happened to equal _SLOT.
+    head, slot, tail = orjson.dumps(stream_message(plan, index)).rpartition(_SLOT_JSON)
+    if not slot:
+        raise ValueError("the stream message holds no payload slot")
+    # Only the payload's numbers are formatted in: a % in a room or user name stays one.
+    head, tail = head.replace(b"%", b"%%"), tail.replace(b"%", b"%%")
+    return head + _payload_template(plan.size) + tail
+
+
+def check_templates(plan: RunPlan) -> None:
+    """Check that the frames ``plan``'s drivers pre-build are the schema's messages.
+
+    Call it once per run, before the load processes start: the schema's validator is
+    built on first use, which is too slow for the moment a driver starts sending.
+
+    Raises:
+        ValueError: a template does not decode to the message it stands for.
+    """
+    src, seq, ts = 1, 2, 3
+    sample: dict[str, Any]
+    if plan.scenario == "echo":
+        sample = orjson.loads(echo_template(plan) % (src, seq, ts))
+        expected = _payload(plan, src, seq, ts)
+        if not plan.raw:
+            if PROBE_TYPE in schema.CLIENT_TYPES:
+                raise ValueError(f"the chat app handles {PROBE_TYPE!r}: it would not echo probes")
+            expected = {"type": PROBE_TYPE, **expected}
+        if sample != expected:
+            raise ValueError(f"echo probe template decodes to {sample!r}")
+    elif plan.scenario in ("fanout", "broadcast", "private"):
+        src = plan.senders()[0]
+        sample = orjson.loads(stream_template(plan, src) % (src, seq, ts))
+        schema.check_client_message(sample)
+        expected = dict(stream_message(plan, src))
+        expected["message"] = _payload(plan, src, seq, ts)
+        if sample != expected:
+            raise ValueError(f"stream template decodes to {sample!r}")
 
 
 class Driver:
@@ -86,11 +174,16 @@ class Driver:
     def _complete(self, sent_totals: dict[int, int]) -> bool:
         raise NotImplementedError
 
-    def _server_error(self, message: dict[str, Any]) -> None:
+    def _server_error(self, message: schema.ServerMessage) -> None:
         self.result.server_errors[str(message.get("message", "error"))] += 1
 
-    def _decode(self, payload: bytes) -> dict[str, Any] | None:
-        """The JSON object in ``payload``; anything else counts as a mismatch (None)."""
+    def _decode(self, payload: bytes) -> Any:
+        """The JSON object (a dict) in ``payload``; anything else counts as a mismatch (None).
+
+        Untyped, as JSON is: the caller annotates what it expects, which costs nothing at
+        run time (unlike ``cast``). Replies annotated as ``schema.ServerMessage`` are not
+        validated, the server under test is not trusted: read their fields with ``get``.
+        """
         try:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -106,10 +199,7 @@ class EchoDriver(Driver):
 
     def __init__(self, plan: RunPlan, clients: dict[int, Client], meter: Meter) -> None:
         super().__init__(plan, clients, meter)
-        body = _payload_template(plan.size)
-        # Raw echo servers return the frame verbatim; protocol servers wrap any
-        # unknown type as {"type":"echo","data":...}.
-        self._template = body if plan.raw else b'{"type":"bench",' + body[1:]
+        self._template = echo_template(plan)
         self._next = dict.fromkeys(clients, 0)
         self._inflight: dict[int, dict[int, int]] = {i: {} for i in clients}
 
@@ -134,10 +224,12 @@ class EchoDriver(Driver):
         if message is None:
             return
         if not self.plan.raw:
-            if message.get("type") == "error":
-                self._server_error(message)
+            reply: schema.ServerMessage = message
+            if reply.get("type") == "error":
+                self._server_error(reply)
                 return
-            message = message.get("data")
+            # Protocol servers answer a probe with {"type":"echo","data":probe}.
+            message = reply.get("data")
             if not isinstance(message, dict):
                 self.result.mismatches += 1
                 return
@@ -172,30 +264,23 @@ class StreamDriver(Driver):
     echo to the sender).
     """
 
-    _DELIVERY_TYPES = frozenset({"room_message", "broadcast", "private_message"})
+    _DELIVERY_TYPES = frozenset(
+        server_type(kind) for kind in (schema.RoomMessage, schema.Broadcast, schema.PrivateMessage)
+    )
 
     def __init__(self, plan: RunPlan, clients: dict[int, Client], meter: Meter) -> None:
         super().__init__(plan, clients, meter)
         self.ledger = SequenceLedger()
-        body = _payload_template(plan.size)
         self._senders = [clients[i] for i in sorted(clients) if plan.is_sender(i)]
         self._seq = {c.index: 0 for c in self._senders}
         self._acked = {c.index: 0 for c in self._senders}
         self._witness: dict[int, int | None] = {}
         self._frames: dict[int, bytes] = {}
-        room = orjson.dumps(plan.room)
+        broadcast = plan.scenario == "broadcast"
         for c in self._senders:
-            if plan.scenario == "fanout":
-                head = b'{"type":"room_message","room":' + room + b',"message":'
-            elif plan.scenario == "broadcast":
-                head = b'{"type":"broadcast","message":'
-            else:
-                partner = orjson.dumps(plan.user_id(c.index ^ 1))
-                head = b'{"type":"private","to":' + partner + b',"message":'
-            self._frames[c.index] = head + body + b"}"
-            others = [i for i in clients if i != c.index]
-            broadcast = plan.scenario == "broadcast"
-            self._witness[c.index] = others[0] if broadcast and others else None
+            self._frames[c.index] = stream_template(plan, c.index)
+            others = (i for i in clients if i != c.index)
+            self._witness[c.index] = next(others, None) if broadcast else None
         self._ticker: asyncio.Task[None] | None = None
         self._owed_fresh = 0
         self._owed = 0
@@ -242,7 +327,8 @@ class StreamDriver(Driver):
 
     def on_message(self, client: Client, payload: bytes) -> None:
         now = time.monotonic_ns()
-        message = self._decode(payload)
+        # Annotated with the schema so that mypy checks each type compared below.
+        message: schema.ServerMessage | None = self._decode(payload)
         if message is None:
             return
         kind = message.get("type")

@@ -1,8 +1,11 @@
+# mypy: warn-unreachable
+# (A misspelt message type in a `case` below then fails the type check: its branch is dead.)
 """Null server for ``--self-test``: the cheapest server speaking the protocol subset.
 
 It runs in its own process on picows + uvloop and does as little as possible
 per message, so a self-test measures the load tool's own ceiling rather than a
-server's. It is not a reference implementation: it trusts its input.
+server's. It is not a reference implementation: it trusts its input. It shares
+nothing with the load tool but the message shapes of ``shoal.core.schema``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import itertools
 import multiprocessing
 import socket
 from multiprocessing.process import BaseProcess
-from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
@@ -25,7 +27,19 @@ from picows import (
     ws_create_server,
 )
 
+from shoal.core import schema
+
 _ids = itertools.count(1)
+
+# The load tool reads only the type of a sender's acknowledgement: send the same bytes
+# each time rather than encode the real recipient.
+_SENT: schema.MessageSent = {"type": "message_sent", "to": "x", "timestamp": 0}
+_SENT_JSON = orjson.dumps(_SENT)
+
+# An echo holds the frame verbatim: splice it in rather than decode and encode it again.
+# ("data" is the last field, so the last {} is its value.)
+_EMPTY_ECHO: schema.Echo = {"type": "echo", "data": {}}
+_ECHO_HEAD, _, _ECHO_TAIL = orjson.dumps(_EMPTY_ECHO).rpartition(b"{}")
 
 
 class _Hub:
@@ -48,7 +62,11 @@ class _Session(WSListener):
             return
         self.hub.everyone.add(transport)
         self.hub.users.setdefault(self.user, set()).add(transport)
-        welcome = {"type": "welcome", "user_id": self.user, "connection_id": str(next(_ids))}
+        welcome: schema.Welcome = {
+            "type": "welcome",
+            "user_id": self.user,
+            "connection_id": str(next(_ids)),
+        }
         transport.send(WSMsgType.TEXT, orjson.dumps(welcome))
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -57,11 +75,6 @@ class _Session(WSListener):
         hub.users.get(self.user, set()).discard(transport)
         for room in self.rooms:
             hub.rooms.get(room, set()).discard(transport)
-
-    def _stream(self, kind: str, message: dict[str, Any], **extra: Any) -> bytes:
-        """A delivery of ``message``'s payload from this session's user."""
-        body = {"type": kind, "from": self.user, **extra, "message": message["message"]}
-        return orjson.dumps({**body, "timestamp": 0})
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.CLOSE:
@@ -74,32 +87,52 @@ class _Session(WSListener):
         if self.raw:
             transport.send(frame.msg_type, payload)
             return
-        message = orjson.loads(payload)
-        kind = message.get("type")
+        # Typed, not validated (the input is trusted): each case narrows it to one message.
+        message: schema.ClientMessage = orjson.loads(payload)
         hub = self.hub
-        if kind == "join_room":
-            room = message["room"]
-            members = hub.rooms.setdefault(room, set())
-            members.add(transport)
-            self.rooms.append(room)
-            reply = {"type": "joined_room", "room": room, "members": []}
-            transport.send(WSMsgType.TEXT, orjson.dumps(reply))
-        elif kind == "room_message":
-            out = self._stream("room_message", message, room=message["room"])
-            for member in hub.rooms.get(message["room"], ()):
-                member.send(WSMsgType.TEXT, out)
-        elif kind == "broadcast":
-            out = self._stream("broadcast", message)
-            for other in hub.everyone:
-                if other is not transport:
-                    other.send(WSMsgType.TEXT, out)
-        elif kind == "private":
-            out = self._stream("private_message", message)
-            for target in hub.users.get(message["to"], ()):
-                target.send(WSMsgType.TEXT, out)
-            transport.send(WSMsgType.TEXT, b'{"type":"message_sent","to":"x","timestamp":0}')
-        else:
-            transport.send(WSMsgType.TEXT, b'{"type":"echo","data":' + payload + b"}")
+        match message["type"]:
+            case "join_room":
+                room = message["room"]
+                hub.rooms.setdefault(room, set()).add(transport)
+                self.rooms.append(room)
+                joined: schema.JoinedRoom = {"type": "joined_room", "room": room, "members": []}
+                transport.send(WSMsgType.TEXT, orjson.dumps(joined))
+            case "room_message":
+                room = message["room"]
+                to_room: schema.RoomMessage = {
+                    "type": "room_message",
+                    "from": self.user,
+                    "room": room,
+                    "message": message["message"],
+                    "timestamp": 0,
+                }
+                out = orjson.dumps(to_room)
+                for member in hub.rooms.get(room, ()):
+                    member.send(WSMsgType.TEXT, out)
+            case "broadcast":
+                to_all: schema.Broadcast = {
+                    "type": "broadcast",
+                    "from": self.user,
+                    "message": message["message"],
+                    "timestamp": 0,
+                }
+                out = orjson.dumps(to_all)
+                for other in hub.everyone:
+                    if other is not transport:
+                        other.send(WSMsgType.TEXT, out)
+            case "private":
+                to_user: schema.PrivateMessage = {
+                    "type": "private_message",
+                    "from": self.user,
+                    "message": message["message"],
+                    "timestamp": 0,
+                }
+                out = orjson.dumps(to_user)
+                for target in hub.users.get(message["to"], ()):
+                    target.send(WSMsgType.TEXT, out)
+                transport.send(WSMsgType.TEXT, _SENT_JSON)
+            case _:
+                transport.send(WSMsgType.TEXT, _ECHO_HEAD + payload + _ECHO_TAIL)
 
 
 async def _serve(sock: socket.socket, raw: bool) -> None:

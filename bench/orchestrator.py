@@ -14,7 +14,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from shoal.bench.drivers import DriverReport
+from shoal.bench.drivers import DriverReport, check_templates
 from shoal.bench.plan import RunPlan
 from shoal.bench.probe import ProbeSample, ServerProbe
 from shoal.bench.worker import ConnectReport, WorkerResult, timeline_step_ns, worker_main
@@ -76,6 +76,9 @@ class _Run:
         self.pending: list[tuple[int, tuple[Any, ...]]] = []
 
     def execute(self) -> RunOutcome:
+        # Once per run, here: the load processes pre-build their frames the same way, and
+        # must not pay for the schema's validator at the moment they start sending.
+        check_templates(self.plan)
         if self.probe is not None and self.plan.scenario == "connect":
             self.outcome.server_idle = self.probe.sample()
         context = multiprocessing.get_context("spawn")

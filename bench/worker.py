@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+import orjson
 import uvloop
 
 from shoal.bench.client import Client, open_client
@@ -28,6 +29,7 @@ from shoal.bench.drivers import DRIVERS, Driver, DriverReport
 from shoal.bench.histogram import LatencyHistogram
 from shoal.bench.meter import Meter
 from shoal.bench.plan import RunPlan
+from shoal.core import schema
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +143,9 @@ class _Worker:
             plan.url_for(index), index, self, plan.connect_timeout, plan.waits_for_welcome
         )
         if client is not None and plan.scenario == "fanout":
-            joined = client.expect("joined_room")
-            client.send(b'{"type":"join_room","room":"%s"}' % plan.room.encode())
+            joined = client.expect(schema.JoinedRoom)
+            join: schema.ClientJoinRoom = {"type": "join_room", "room": plan.room}
+            client.send(orjson.dumps(join))
             try:
                 async with asyncio.timeout(plan.connect_timeout):
                     await joined

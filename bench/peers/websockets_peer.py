@@ -4,6 +4,10 @@ Single process, uvloop, no compression. Used as a baseline for comparisons and
 by the bench's tests. ``--echo`` echoes every frame verbatim (like shoal's
 ``echo`` app); ``--drop-every N`` silently skips every Nth room-message
 delivery, so tests can prove the bench detects loss.
+
+It is a second, independent implementation of the chat protocol, sharing nothing
+with shoal but the message shapes of ``shoal.core.schema``: a bug shared by
+shoal's server and the bench cannot hide behind it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -20,6 +25,17 @@ import uvloop
 from websockets.asyncio.connection import broadcast
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+
+from shoal.core import schema
+
+
+def _error(text: str) -> bytes:
+    error: schema.Error = {"type": "error", "message": text}
+    return orjson.dumps(error)
+
+
+_INVALID_FORMAT = _error("Invalid message format")
+_USER_NOT_FOUND = _error("User not found")
 
 
 class Hub:
@@ -41,7 +57,11 @@ class Hub:
         self.everyone.add(ws)
         self.users.setdefault(user, set()).add(ws)
         try:
-            welcome = {"type": "welcome", "user_id": user, "connection_id": str(next(self.ids))}
+            welcome: schema.Welcome = {
+                "type": "welcome",
+                "user_id": user,
+                "connection_id": str(next(self.ids)),
+            }
             await ws.send(orjson.dumps(welcome), text=True)
             async for frame in ws:
                 await self._dispatch(ws, user, joined, frame)
@@ -59,10 +79,12 @@ class Hub:
         self, ws: ServerConnection, user: str, joined: list[str], frame: str | bytes
     ) -> None:
         try:
-            message = orjson.loads(frame)
+            decoded: Any = orjson.loads(frame)
+            # Typed, not validated (fields are read with get): mypy checks each type below.
+            message: schema.ClientMessage = decoded
             kind = message.get("type")
         except (orjson.JSONDecodeError, AttributeError):
-            await ws.send(b'{"type":"error","message":"Invalid message format"}', text=True)
+            await ws.send(_INVALID_FORMAT, text=True)
             return
         now = int(time.time() * 1000)
         if kind == "join_room":
@@ -72,9 +94,9 @@ class Hub:
             members.add(ws)
             joined.append(room)
             names = sorted({u for u, conns in self.users.items() if conns & members})
-            reply = {"type": "joined_room", "room": room, "members": names}
+            reply: schema.JoinedRoom = {"type": "joined_room", "room": room, "members": names}
             await ws.send(orjson.dumps(reply), text=True)
-            note = {
+            note: schema.UserJoinedRoom = {
                 "type": "user_joined_room",
                 "user_id": user,
                 "room": room,
@@ -83,45 +105,40 @@ class Hub:
             broadcast(others, orjson.dumps(note), text=True)
         elif kind == "room_message":
             room = str(message.get("room"))
-            out = orjson.dumps(
-                {
-                    "type": "room_message",
-                    "from": user,
-                    "room": room,
-                    "message": message.get("message"),
-                    "timestamp": now,
-                }
-            )
-            broadcast(self._keep(self.rooms.get(room, set())), out, text=True)
+            to_room: schema.RoomMessage = {
+                "type": "room_message",
+                "from": user,
+                "room": room,
+                "message": message.get("message"),
+                "timestamp": now,
+            }
+            broadcast(self._keep(self.rooms.get(room, set())), orjson.dumps(to_room), text=True)
         elif kind == "broadcast":
-            out = orjson.dumps(
-                {
-                    "type": "broadcast",
-                    "from": user,
-                    "message": message.get("message"),
-                    "timestamp": now,
-                }
-            )
-            broadcast([c for c in self.everyone if c is not ws], out, text=True)
+            to_all: schema.Broadcast = {
+                "type": "broadcast",
+                "from": user,
+                "message": message.get("message"),
+                "timestamp": now,
+            }
+            broadcast([c for c in self.everyone if c is not ws], orjson.dumps(to_all), text=True)
         elif kind == "private":
             target = str(message.get("to"))
             if target not in self.users:
-                await ws.send(b'{"type":"error","message":"User not found"}', text=True)
+                await ws.send(_USER_NOT_FOUND, text=True)
                 return
-            out = orjson.dumps(
-                {
-                    "type": "private_message",
-                    "from": user,
-                    "message": message.get("message"),
-                    "timestamp": now,
-                }
-            )
-            broadcast(self.users[target], out, text=True)
-            await ws.send(
-                orjson.dumps({"type": "message_sent", "to": target, "timestamp": now}), text=True
-            )
+            to_user: schema.PrivateMessage = {
+                "type": "private_message",
+                "from": user,
+                "message": message.get("message"),
+                "timestamp": now,
+            }
+            broadcast(self.users[target], orjson.dumps(to_user), text=True)
+            sent: schema.MessageSent = {"type": "message_sent", "to": target, "timestamp": now}
+            await ws.send(orjson.dumps(sent), text=True)
         else:
-            await ws.send(orjson.dumps({"type": "echo", "data": message}), text=True)
+            # Any other type is echoed, as shoal's chat app does (the bench's echo probes).
+            echo: schema.Echo = {"type": "echo", "data": decoded}
+            await ws.send(orjson.dumps(echo), text=True)
 
     def _keep(self, members: set[ServerConnection]) -> list[ServerConnection]:
         if not self.drop_every:

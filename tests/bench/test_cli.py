@@ -91,7 +91,7 @@ def test_raw_echo(tmp_path: Path, start_peer: Callable[..., Peer]) -> None:
     assert run["integrity"]["mismatches"] == 0
 
 
-@pytest.mark.parametrize(
+_STREAMS = pytest.mark.parametrize(
     ("scenario", "flags", "receivers_per_message"),
     [
         ("fanout", ["-c", "3", "--publishers", "2"], 3),
@@ -99,6 +99,20 @@ def test_raw_echo(tmp_path: Path, start_peer: Callable[..., Peer]) -> None:
         ("private", ["-c", "4"], 1),
     ],
 )
+
+
+def _assert_exact(code: int, doc: dict[str, Any], receivers_per_message: int) -> None:
+    integrity = doc["runs"][0]["integrity"]
+    assert code == EXIT_OK, doc["runs"][0]["problems"]
+    assert integrity["expected"] > 0
+    assert integrity["received"] == integrity["expected"]
+    for name in ("lost", "duplicates", "reorders", "gap_events", "unexpected", "mismatches"):
+        assert integrity[name] == 0, name
+    # Every message sent is owed to a known number of receivers.
+    assert integrity["expected"] == integrity["sent"] * receivers_per_message
+
+
+@_STREAMS
 def test_streams_deliver_exactly(
     tmp_path: Path,
     start_peer: Callable[..., Peer],
@@ -108,14 +122,16 @@ def test_streams_deliver_exactly(
 ) -> None:
     peer = start_peer()
     code, doc = _run(tmp_path, scenario, "--url", peer.url, "--rate", "200", *flags)
-    integrity = doc["runs"][0]["integrity"]
-    assert code == EXIT_OK, doc["runs"][0]["problems"]
-    assert integrity["expected"] > 0
-    assert integrity["received"] == integrity["expected"]
-    for name in ("lost", "duplicates", "reorders", "gap_events", "unexpected", "mismatches"):
-        assert integrity[name] == 0, name
-    # Every message sent is owed to a known number of receivers.
-    assert integrity["expected"] == integrity["sent"] * receivers_per_message
+    _assert_exact(code, doc, receivers_per_message)
+
+
+@_STREAMS
+def test_self_test_streams_deliver_exactly(
+    tmp_path: Path, scenario: str, flags: list[str], receivers_per_message: int
+) -> None:
+    # The null server speaks the stream scenarios too, independently of the peer.
+    code, doc = _run(tmp_path, scenario, "--self-test", "--rate", "200", *flags)
+    _assert_exact(code, doc, receivers_per_message)
 
 
 def test_injected_loss_is_detected(tmp_path: Path, start_peer: Callable[..., Peer]) -> None:
