@@ -66,11 +66,37 @@ def unpack(data: bytes) -> Message | Departed:
         raise EnvelopeError(f"not a bus envelope: {data[:32]!r}") from exc
     if version != VERSION:
         raise EnvelopeError(f"bus envelope of unknown version {version!r}")
-    try:
-        if kind == _MESSAGE:
-            return Message(*fields[2:])
-        if kind == _DEPARTED:
-            return Departed([(user, rooms) for user, rooms in fields[2]])
-    except (ValueError, TypeError) as exc:
-        raise EnvelopeError(f"malformed bus envelope of kind {kind!r}") from exc
-    raise EnvelopeError(f"bus envelope of unknown kind {kind!r}")
+    if kind == _MESSAGE and len(fields) == 5:
+        message = Message(*fields[2:])
+        if _is_message(message):
+            return message
+    elif kind == _DEPARTED and len(fields) == 3 and _is_departed(fields[2]):
+        return Departed([(user, rooms) for user, rooms in fields[2]])
+    elif kind not in (_MESSAGE, _DEPARTED):
+        raise EnvelopeError(f"bus envelope of unknown kind {kind!r}")
+    # A receiver must never fail on what another process published: check every type.
+    raise EnvelopeError(f"malformed bus envelope of kind {kind!r}")
+
+
+def _is_message(message: Message) -> bool:
+    target = message.target
+    return (
+        type(message.text) is bool
+        and type(message.payload) is bytes
+        and (
+            target is None
+            or type(target) is str
+            or (type(target) is list and all(type(cid) is str for cid in target))
+        )
+    )
+
+
+def _is_departed(users: object) -> bool:
+    return type(users) is list and all(
+        type(entry) is list
+        and len(entry) == 2
+        and type(entry[0]) is str
+        and type(entry[1]) is list
+        and all(type(room) is str for room in entry[1])
+        for entry in users
+    )

@@ -239,6 +239,10 @@ class Link(asyncio.Protocol):
                 self.refusing = error
             readonly = readonly or type(error) is RedisReadOnly
             if not self.pending:
+                # In order: a pub/sub error answers the command after the pushes before it.
+                if pushed and on_push is not None:
+                    self._push(on_push, pushed)
+                    pushed = []
                 self._stray(error or reply)
                 continue
             waiter = self.pending.popleft()
@@ -251,14 +255,18 @@ class Link(asyncio.Protocol):
                 else:
                     waiter.set_result(reply)
         if pushed and on_push is not None:
-            try:
-                on_push(pushed)
-            except Exception:
-                logger.exception("redis push handler failed")
+            self._push(on_push, pushed)
         self.waiting_since = now if self.pending or self.awaiting_pushes else None
         if readonly:
             # A replica answered: after a failover the address may lead to the new primary.
             self.abort("redis answered READONLY (a replica); reconnecting")
+
+    @staticmethod
+    def _push(on_push: OnPush, pushed: list[list[Any]]) -> None:
+        try:
+            on_push(pushed)
+        except Exception:
+            logger.exception("redis push handler failed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

@@ -52,6 +52,8 @@ class Advice:
     """What a close code means to a client (docs/protocol.md has the same table)."""
 
     reason: str
+    """What the code means; also the reason text shoal sends with it when it has nothing
+    more specific to say (1008 and 1009, for instance, carry their own)."""
     reconnect: Reconnect
     resync: bool
     """Whether a reconnected client must rejoin its rooms and set its metadata again."""

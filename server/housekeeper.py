@@ -29,6 +29,7 @@ import redis
 import uvloop
 
 from shoal.config.model import Config
+from shoal.core import loops
 from shoal.core.backoff import full_jitter
 from shoal.core.emitter import AsyncEmitter
 from shoal.core.errors import ServiceUnavailable
@@ -39,7 +40,6 @@ from shoal.core.scoreboard import Scoreboard
 
 logger = logging.getLogger(__name__)
 
-_BEAT_PERIOD = 1.0
 _RedisFailure = (ServiceUnavailable, redis.RedisError, OSError)
 
 
@@ -79,19 +79,19 @@ class Housekeeper:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         loop.add_reader(self.placement.inbox, self._read)
         self.placement.scoreboard.set_ready(self.placement.seat)
-        loops = [
-            asyncio.create_task(self._beat(), name="beat"),
+        placement = self.placement
+        background = [
+            asyncio.create_task(
+                loops.beat(
+                    placement.scoreboard, placement.seat, placement.master_pid, self.stopping
+                ),
+                name="beat",
+            ),
             asyncio.create_task(self._clean(), name="clean"),
             asyncio.create_task(self._sweep(), name="sweep"),
         ]
-        stop = asyncio.create_task(self.stopping.wait(), name="stop")
-        done, _ = await asyncio.wait([stop, *loops], return_when=asyncio.FIRST_COMPLETED)
-        status = 0
-        for task in done - {stop}:
-            error = task.exception() if not task.cancelled() else None
-            logger.error("housekeeper loop %r ended (%r)", task.get_name(), error, exc_info=error)
-            status = 1
-        for task in [stop, *loops]:
+        status = 0 if await loops.until_stopped(self.stopping, background, "housekeeper") else 1
+        for task in background:
             task.cancel()
         await self.registry.redis.close()
         await self.emitter.close()
@@ -109,15 +109,6 @@ class Housekeeper:
         *lines, self._partial = (self._partial + data).split(b"\n")
         self.dead += [line.decode() for line in lines if line]
         self.work.set()
-
-    async def _beat(self) -> None:
-        placement = self.placement
-        while True:
-            placement.scoreboard.beat(placement.seat, time.monotonic())
-            if os.getppid() != placement.master_pid:
-                logger.error("master process is gone; stopping")
-                self.stopping.set()
-            await asyncio.sleep(_BEAT_PERIOD)
 
     async def _clean(self) -> None:
         """Forget dead workers and tell departures, retrying until Redis answers."""
@@ -149,7 +140,7 @@ class Housekeeper:
         """
         workers = await self.registry.node_workers()
         if not workers:
-            await asyncio.sleep(_BEAT_PERIOD)
+            await asyncio.sleep(loops.BEAT_PERIOD)
             self.work.set()
             return
         untold, self.untold = self.untold, []

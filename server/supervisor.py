@@ -205,7 +205,9 @@ class Supervisor:
     def _backoff(self, failures: int) -> float:
         if failures <= 1:
             return 0.0
-        ceiling = min(self.policy.backoff_cap, self.policy.backoff_base * 2.0 ** (failures - 2))
+        # The exponent stops growing long before float overflow (2**1024): the cap rules.
+        doublings = min(failures - 2, 64)
+        ceiling = min(self.policy.backoff_cap, self.policy.backoff_base * 2.0**doublings)
         # Half fixed, half jittered: a crash loop must slow down, not just spread out.
         return ceiling * float(self.rng.uniform(0.5, 1.0))
 

@@ -24,6 +24,8 @@ import redis
 import yaml
 from websockets.asyncio.client import ClientConnection, connect
 
+from shoal.core import schema
+
 # Every timeout in the tests is a multiple of this, so slow machines can stretch them.
 SCALE = float(os.environ.get("SHOALTEST_TIMEOUT_SCALE", "1"))
 SHOAL = [sys.executable, "-m", "shoal.server.cli"]
@@ -355,9 +357,17 @@ class Client:
         await self.ws.send(json.dumps(message))
 
     async def recv(self, timeout: float = 5) -> dict[str, Any]:
+        """The next message, decoded with the standard library's own JSON parser.
+
+        A message of a type the chat protocol defines must match `shoal.core.schema`
+        exactly (no missing, extra or mistyped field), so every end-to-end test checks
+        the schema too; other types (custom applications) are returned as they are.
+        """
         async with asyncio.timeout(timeout * SCALE):
             raw = await self.ws.recv()
         result: dict[str, Any] = json.loads(raw)
+        if isinstance(result, dict) and result.get("type") in schema.SERVER_TYPES:
+            schema.check_server_message(result)
         return result
 
     async def expect(self, kind: str, timeout: float = 5) -> dict[str, Any]:

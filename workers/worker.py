@@ -34,6 +34,7 @@ from websockets.protocol import OPEN
 
 from shoal.config.model import Config
 from shoal.core import app as app_api
+from shoal.core import loops as loops_
 from shoal.core import protocol
 from shoal.core.backoff import full_jitter
 from shoal.core.bus import Bus
@@ -53,7 +54,6 @@ logger = logging.getLogger(__name__)
 EXIT_BOOT = 3
 EXIT_FAILED = 4
 _USER_ID = re.compile(r"[\w.@:+-]{1,128}")
-_BEAT_PERIOD = 1.0
 _WAIT_LOG_EVERY = 10.0
 
 
@@ -127,7 +127,9 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         # Ctrl-C reaches the whole process group: the master alone decides what follows.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        beat = asyncio.create_task(self._beat(), name="beat")
+        beat = asyncio.create_task(
+            loops_.beat(self.scoreboard, self.seat, self.master_pid, self.stopping), name="beat"
+        )
         keys = Keys(config.redis.prefix)
         client = connect(self.redis_url, self.timeouts)
         registry = Registry(client, keys, self.node_id, self.id)
@@ -165,7 +167,7 @@ class Worker:
             if config.server.heartbeat_check_interval:
                 loops.append(asyncio.create_task(self._keepalive(), name="keepalive"))
             code = CloseCode(self.scoreboard.close_code(self.seat) or CloseCode.GOING_AWAY)
-            if not await self._serve(loops):
+            if not await loops_.until_stopped(self.stopping, loops, f"worker {self.id}"):
                 status, code = EXIT_FAILED, CloseCode.INTERNAL_ERROR
             elif self.scoreboard.close_code(self.seat):
                 code = CloseCode(self.scoreboard.close_code(self.seat))
@@ -212,30 +214,6 @@ class Worker:
                     await self.stopping.wait()
             except TimeoutError:
                 pass
-        return False
-
-    async def _serve(self, loops: list[asyncio.Task[None]]) -> bool:
-        """Serve until told to stop. False if a background loop died first.
-
-        Every loop of the worker runs here under supervision: one that ends is logged
-        with its traceback and the worker exits, so that the master replaces it. A worker
-        that silently lost its Redis heartbeat would otherwise be swept as dead while
-        still serving.
-        """
-        stop = asyncio.create_task(self.stopping.wait(), name="stop")
-        done, _ = await asyncio.wait([stop, *loops], return_when=asyncio.FIRST_COMPLETED)
-        if stop in done:
-            return True
-        stop.cancel()
-        for task in done:
-            error = task.exception() if not task.cancelled() else None
-            logger.error(
-                "worker %s: background loop %r ended (%r); exiting so the master replaces it",
-                self.id,
-                task.get_name(),
-                error,
-                exc_info=error,
-            )
         return False
 
     async def _listen(self) -> Server:
@@ -382,14 +360,6 @@ class Worker:
             self._announce()
 
     # Background loops
-
-    async def _beat(self) -> None:
-        while True:
-            self.scoreboard.beat(self.seat, time.monotonic())
-            if os.getppid() != self.master_pid:
-                logger.error("master process is gone; stopping")
-                self.stopping.set()
-            await asyncio.sleep(_BEAT_PERIOD)
 
     async def _redis_heartbeat(self) -> None:
         period = self.config.redis.heartbeat_ttl / 3

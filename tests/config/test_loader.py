@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,14 +16,26 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults_work_out_of_the_box() -> None:
+    """No file, no environment: a complete config with the documented defaults."""
     config = load(environ={})
     assert config.server.port == 9501 and config.server.path == "/ws"
-    assert config.server.worker_num >= 1
     assert config.redis.embedded and config.redis.prefix == "shoal"
     assert config.app.module == "chat" and config.app.settings == {}
 
 
+def test_default_worker_num_counts_the_cpus_this_process_may_use() -> None:
+    """One worker per CPU of the process's affinity, not of the machine: pinned to one
+    CPU (as `taskset -c 0` or a container's cpuset would), the default is one worker."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        assert load(environ={}).server.worker_num == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
 def test_precedence_file_then_env_then_cli(tmp_path: Path) -> None:
+    """CLI flags beat the environment, which beats the file, which beats the defaults."""
     path = write(tmp_path, "server:\n  port: 1000\n  worker_num: 3\n  host: 0.0.0.0\n")
     env = {"SHOAL_SERVER__PORT": "2000", "SHOAL_SERVER__WORKER_NUM": "5", "HOME": "/x"}
     config = load(path, {"server": {"port": 3000, "worker_num": None}}, environ=env)
@@ -32,6 +45,7 @@ def test_precedence_file_then_env_then_cli(tmp_path: Path) -> None:
 
 
 def test_app_settings_are_kept_for_the_application(tmp_path: Path) -> None:
+    """Keys of `app` other than `module` reach the application as given (env values typed)."""
     path = write(tmp_path, "app:\n  module: mypkg.chat:app\n  announce_connections: true\n")
     config = load(path, environ={"SHOAL_APP__ROOM_LIMIT": "50"})
     assert config.app.module == "mypkg.chat:app"
@@ -64,12 +78,14 @@ def test_app_settings_are_kept_for_the_application(tmp_path: Path) -> None:
     ],
 )
 def test_errors_name_the_key_and_the_problem(tmp_path: Path, text: str, expected: str) -> None:
+    """Each invalid config names the key and what is wrong with it."""
     with pytest.raises(ConfigError) as error:
         load(write(tmp_path, text), environ={})
     assert expected in str(error.value)
 
 
 def test_env_errors_name_the_variable() -> None:
+    """A bad value from the environment names the variable it came from."""
     with pytest.raises(
         ConfigError, match=r"server.worker_num: .* \(from SHOAL_SERVER__WORKER_NUM\)"
     ):
@@ -79,11 +95,13 @@ def test_env_errors_name_the_variable() -> None:
 
 
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    """A config file that cannot be read is a ConfigError, not a traceback."""
     with pytest.raises(ConfigError, match="cannot read config file"):
         load(tmp_path / "nope.yaml", environ={})
 
 
 def test_shipped_example_is_valid_and_complete() -> None:
+    """config/shoal.yaml loads, and mentions every key of the model."""
     example = Path(__file__).parents[2] / "config" / "shoal.yaml"
     config = load(example, environ={})
     # Every key of the model appears in the example, so the example documents them all.
@@ -94,5 +112,6 @@ def test_shipped_example_is_valid_and_complete() -> None:
 
 
 def test_dump_round_trips(tmp_path: Path) -> None:
+    """What check-config prints loads back to the same config."""
     config = load(environ={"SHOAL_SERVER__PORT": "1234"})
     assert load(write(tmp_path, dump(config)), environ={}) == config

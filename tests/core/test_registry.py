@@ -27,6 +27,7 @@ def snapshot(cid: str, user: str, rooms: tuple[str, ...] = ()) -> Snapshot:
 
 
 async def test_connections_users_and_rooms(registries: tuple[Registry, Registry]) -> None:
+    """Connections, distinct users, room members and presence across two workers."""
     one, two = registries
     assert await one.add_connection(snapshot("c1", "ann")) == 1
     assert await two.add_connection(snapshot("c2", "ann")) == 1  # same user, still one user
@@ -52,6 +53,7 @@ async def test_connections_users_and_rooms(registries: tuple[Registry, Registry]
 async def test_sweep_removes_only_workers_whose_heartbeat_expired(
     registries: tuple[Registry, Registry], redis_server: RedisServer, prefix: str
 ) -> None:
+    """A sweep removes the state of workers whose heartbeat key expired, once, and only theirs."""
     live, dead = registries
     assert await live.heartbeat(10) is False  # first beat: nothing was there
     assert await live.heartbeat(10) is True
@@ -74,6 +76,7 @@ async def test_sweep_removes_only_workers_whose_heartbeat_expired(
 async def test_resync_writes_back_what_redis_lost(
     registries: tuple[Registry, Registry], redis_server: RedisServer, prefix: str
 ) -> None:
+    """After Redis lost everything, resync writes the worker's state back, idempotently."""
     one, _ = registries
     await one.heartbeat(10)
     state = [snapshot("c1", "ann", rooms=("r",)), snapshot("c2", "ann")]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,15 +56,16 @@ APP = textwrap.dedent(
 def custom_app(tmp_path: Path, settings: dict[str, Any]) -> Iterator[Shoal]:
     (tmp_path / "myapp.py").write_text(APP)
     settings["app"] = {"module": "myapp:app", "greeting": "ahoy"}
-    old = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = f"{tmp_path}:{old}"
-    node = Shoal(tmp_path, settings).start()
-    os.environ["PYTHONPATH"] = old
-    yield node
-    node.stop()
+    node = Shoal(tmp_path, settings)
+    try:
+        yield node.start(app_path=tmp_path)
+    finally:
+        node.stop()
 
 
 async def test_custom_app_on_the_app_api(custom_app: Shoal) -> None:
+    """on_open, on(type), broadcast, join and publish of a user's app, across two workers;
+    handler errors are answered and the connection lives on."""
     async with clients_on_workers(custom_app, ["ann", "bo"], welcome="hello") as (ann, bo):
         assert ann.welcome["greeting"] == "ahoy" and ann.user_id == "ann"
         await ann.send({"type": "shout", "text": "hey"})
@@ -94,11 +94,15 @@ async def test_custom_app_on_the_app_api(custom_app: Shoal) -> None:
 
 
 async def test_json_logs(tmp_path: Path, settings: dict[str, Any]) -> None:
+    """With log.format json, every line of every process is one JSON object."""
     settings["log"] = {"level": "info", "format": "json"}
-    node = Shoal(tmp_path, settings).start()
-    async with client(node.url("ann")):
-        pass
-    node.stop()
+    node = Shoal(tmp_path, settings)
+    try:
+        node.start()
+        async with client(node.url("ann")):
+            pass
+    finally:
+        node.stop()
     lines = [json.loads(line) for line in node.log().splitlines()]
     assert {line["role"] for line in lines} >= {"master", "worker 0", "worker 1"}
     assert all({"time", "level", "pid", "logger", "message"} <= set(line) for line in lines)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from support import Shoal, client, clients_on_workers, wait_until
+from support import Shoal, client, clients_on_workers, eventually, wait_until
 
 
 async def test_welcome_and_clients_on_both_workers(shoal: Shoal) -> None:
+    """Each client is welcomed with its ids; the helper spreads clients over both workers."""
     async with clients_on_workers(shoal, ["ann", "bo"]) as (ann, bo):
         assert ann.welcome == {
             "type": "welcome",
@@ -20,11 +21,13 @@ async def test_welcome_and_clients_on_both_workers(shoal: Shoal) -> None:
 
 
 async def test_generated_user_id_when_none_given(shoal: Shoal) -> None:
+    """Without a user_id, each connection gets a distinct generated one."""
     async with client(shoal.url()) as anon, client(shoal.url()) as other:
         assert anon.user_id.startswith("u-") and anon.user_id != other.user_id
 
 
 async def test_room_across_workers(shoal: Shoal) -> None:
+    """Join, message, leave: members on either worker see it all, others nothing."""
     async with clients_on_workers(shoal, ["ann", "bo", "cy"]) as (ann, bo, cy):
         joined = await ann.request({"type": "join_room", "room": "lobby"}, "joined_room")
         assert joined == {"type": "joined_room", "room": "lobby", "members": ["ann"]}
@@ -42,7 +45,7 @@ async def test_room_across_workers(shoal: Shoal) -> None:
             got = await member.expect("room_message")
             assert got["from"] == "bo" and got["room"] == "lobby"
             assert got["message"] == {"text": "hi"} and isinstance(got["timestamp"], int)
-        await cy.silent()  # not a member
+        await cy.silent()  # not a member: nothing comes within the wait
 
         error = await cy.request({"type": "room_message", "room": "lobby", "message": "x"}, "error")
         assert error == {"type": "error", "message": "Not in room"}
@@ -60,6 +63,7 @@ async def test_room_across_workers(shoal: Shoal) -> None:
 
 
 async def test_room_errors(shoal: Shoal) -> None:
+    """Missing, invalid and unknown rooms are answered with their error."""
     async with client(shoal.url("ann")) as ann:
         assert await ann.request({"type": "join_room"}, "error") == {
             "type": "error",
@@ -74,6 +78,7 @@ async def test_room_errors(shoal: Shoal) -> None:
 
 
 async def test_empty_room_is_deleted(shoal: Shoal, redis_server: Any, prefix: str) -> None:
+    """The last member leaving removes the room's key from Redis."""
     async with client(shoal.url("ann")) as ann:
         await ann.request({"type": "join_room", "room": "solo"}, "joined_room")
         assert redis_server.client().exists(f"{prefix}:room:solo")
@@ -82,15 +87,17 @@ async def test_empty_room_is_deleted(shoal: Shoal, redis_server: Any, prefix: st
 
 
 async def test_broadcast_reaches_every_other_connection(shoal: Shoal) -> None:
+    """A broadcast reaches every connection on every worker but the sender's."""
     async with clients_on_workers(shoal, ["ann", "bo", "cy"]) as (ann, bo, cy):
         await ann.send({"type": "broadcast", "message": "hello all"})
         for other in (bo, cy):
             got = await other.expect("broadcast")
             assert got["from"] == "ann" and got["message"] == "hello all"
-        await ann.silent()
+        await ann.silent()  # the sender is left out: nothing comes within the wait
 
 
 async def test_private_reaches_every_connection_of_the_user(shoal: Shoal) -> None:
+    """A private message reaches each of the user's connections; the sender gets a receipt."""
     async with clients_on_workers(shoal, ["ann", "bo", "bo"]) as (ann, bo1, bo2):
         await ann.send({"type": "private", "to": "bo", "message": "psst"})
         sent = await ann.expect("message_sent")
@@ -108,6 +115,7 @@ async def test_private_reaches_every_connection_of_the_user(shoal: Shoal) -> Non
 
 
 async def test_channels(shoal: Shoal) -> None:
+    """Channels deliver to subscribers only, announce nothing, and stop at unsubscribe."""
     async with clients_on_workers(shoal, ["ann", "bo", "cy"]) as (ann, bo, cy):
         assert await ann.request({"type": "subscribe", "channel": "news"}, "subscribed") == {
             "type": "subscribed",
@@ -120,18 +128,19 @@ async def test_channels(shoal: Shoal) -> None:
         for subscriber in (ann, bo):
             got = await subscriber.expect("message")
             assert got["channel"] == "news" and got["from"] == "cy" and got["message"] == "extra!"
-        await cy.silent()
+        await cy.silent()  # publishing does not subscribe: nothing comes within the wait
 
         await bo.request({"type": "unsubscribe", "channel": "news"}, "unsubscribed")
         await cy.send({"type": "publish", "channel": "news", "message": "again"})
         assert (await ann.expect("message"))["message"] == "again"
-        await bo.silent()
+        await bo.silent()  # unsubscribed: nothing comes within the wait
         assert (await bo.request({"type": "unsubscribe", "channel": "news"}, "error"))[
             "message"
         ] == "Not subscribed"
 
 
 async def test_presence_and_metadata_across_workers(shoal: Shoal) -> None:
+    """Metadata merges; presence lists users of both workers, or of one room."""
     async with clients_on_workers(shoal, ["ann", "bo"]) as (ann, bo):
         await ann.request({"type": "join_room", "room": "r1"}, "joined_room")
         updated = await bo.request(
@@ -156,6 +165,7 @@ async def test_presence_and_metadata_across_workers(shoal: Shoal) -> None:
 
 
 async def test_bad_input_gets_an_error_and_the_connection_stays(shoal: Shoal) -> None:
+    """Bad JSON is answered with an error; unknown types echo; binary echoes back."""
     async with client(shoal.url("ann")) as ann, client(shoal.url("bo")) as bo:
         await bo.request({"type": "join_room", "room": "r"}, "joined_room")
         for bad in ["not json", "[1, 2]", '{"no": "type"}', '{"type": 5}', "{"]:
@@ -173,6 +183,7 @@ async def test_bad_input_gets_an_error_and_the_connection_stays(shoal: Shoal) ->
 async def test_close_leaves_rooms_and_notifies(
     shoal: Shoal, redis_server: Any, prefix: str
 ) -> None:
+    """A closed connection leaves its rooms: members are told, Redis forgets it."""
     async with clients_on_workers(shoal, ["ann", "bo"]) as (ann, bo):
         await ann.request({"type": "join_room", "room": "r"}, "joined_room")
         await bo.request({"type": "join_room", "room": "r"}, "joined_room")
@@ -185,15 +196,22 @@ async def test_close_leaves_rooms_and_notifies(
             "total_members": 1,
         }
         redis = redis_server.client()
-        await asyncio.sleep(0.2)
-        assert redis.hvals(f"{prefix}:room:r") == ["ann"]
-        assert not redis.exists(f"{prefix}:user:bo")
-        assert redis.hkeys(f"{prefix}:users") == ["ann"]
+
+        async def bo_is_gone() -> bool:
+            # The notice may go out before the removal of bo's own keys has finished.
+            return bool(
+                redis.hvals(f"{prefix}:room:r") == ["ann"]
+                and not redis.exists(f"{prefix}:user:bo")
+                and redis.hkeys(f"{prefix}:users") == ["ann"]
+            )
+
+        await eventually(bo_is_gone, 5, "bo's state to be removed from Redis")
 
 
 async def test_announce_connections(
     tmp_path: Any, settings: dict[str, Any], redis_server: Any
 ) -> None:
+    """With announce_connections, users (not connections) coming and going are announced."""
     settings["app"] = {"module": "chat", "announce_connections": True}
     node = Shoal(tmp_path, settings).start()
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -10,12 +9,21 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from support import FAST_REDIS, RedisServer, Shoal, client, clients_on_workers, wait_until
+from support import (
+    FAST_REDIS,
+    SCALE,
+    RedisServer,
+    Shoal,
+    client,
+    clients_on_workers,
+    eventually,
+    wait_until,
+)
 
 
 def raw_http(port: int, request: bytes) -> tuple[int, bytes]:
     """Send raw bytes, return the status code and the whole response."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=5 * SCALE) as sock:
         sock.sendall(request)
         data = b""
         while chunk := sock.recv(65536):
@@ -24,6 +32,7 @@ def raw_http(port: int, request: bytes) -> tuple[int, bytes]:
 
 
 def test_healthz(shoal: Shoal) -> None:
+    """GET /healthz answers JSON with the node's state, once."""
     status, data = raw_http(shoal.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 200
     head, body = data.split(b"\r\n\r\n", 1)
@@ -35,6 +44,7 @@ def test_healthz(shoal: Shoal) -> None:
 
 
 def test_plain_http_and_bad_upgrades(shoal: Shoal) -> None:
+    """Other paths 404, /ws without upgrade 426, bad handshakes 400, garbage no traceback."""
     port = shoal.port
     upgrade = (
         b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -56,7 +66,7 @@ def test_plain_http_and_bad_upgrades(shoal: Shoal) -> None:
     )
     assert raw_http(port, bad_version)[0] == 400
     # Garbage gets no traceback, and the server is unharmed.
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=5 * SCALE) as sock:
         sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
         assert b"Traceback" not in sock.recv(65536)
     assert shoal.health(expect_ok=True)
@@ -64,6 +74,7 @@ def test_plain_http_and_bad_upgrades(shoal: Shoal) -> None:
 
 
 async def test_max_connection_gives_503(tmp_path: Path, settings: dict[str, Any]) -> None:
+    """Past max_connection, a handshake gets HTTP 503; a freed place admits again."""
     settings["server"]["max_connection"] = 2
     node = Shoal(tmp_path, settings).start()
     try:
@@ -75,7 +86,11 @@ async def test_max_connection_gives_503(tmp_path: Path, settings: dict[str, Any]
             )
             status, data = raw_http(node.port, upgrade)
             assert status == 503 and b"max_connection" in data
-        await asyncio.sleep(0.3)
+
+        async def released() -> bool:
+            return (node.health() or {}).get("connections") == 0
+
+        await eventually(released, 5, "both connections to leave the count")
         async with client(node.url("c")):  # room again once they left
             pass
     finally:
@@ -85,6 +100,7 @@ async def test_max_connection_gives_503(tmp_path: Path, settings: dict[str, Any]
 async def test_redis_outage_is_reported_and_survived(
     tmp_path: Path, settings: dict[str, Any], own_redis: RedisServer, prefix: str
 ) -> None:
+    """While Redis is down /healthz says 503 and clients get errors; then all recovers."""
     settings["redis"]["url"] = own_redis.url
     node = Shoal(tmp_path, settings).start()
     try:
@@ -129,6 +145,7 @@ async def test_redis_outage_is_reported_and_survived(
 
 
 async def test_embedded_redis_that_dies_is_restarted(tmp_path: Path) -> None:
+    """The master restarts a killed embedded Redis; workers write their state back."""
     node = Shoal(tmp_path, {"server": {"worker_num": 2}, "redis": FAST_REDIS})
     node.start()
     try:
@@ -146,11 +163,10 @@ async def test_embedded_redis_that_dies_is_restarted(tmp_path: Path) -> None:
                 reply = await bo.request({"type": "presence", "room": "r"}, "presence")
                 return [u["user_id"] for u in reply["users"]]
 
-            for _ in range(100):
-                if await presence() == ["ann", "bo"]:
-                    break
-                await asyncio.sleep(0.1)
-            assert await presence() == ["ann", "bo"]
+            async def both_present() -> bool:
+                return await presence() == ["ann", "bo"]
+
+            await eventually(both_present, 10, "ann and bo to be written back to the room")
             await ann.send({"type": "room_message", "room": "r", "message": "still here"})
             for c in (ann, bo):
                 assert (await c.expect("room_message"))["message"] == "still here"

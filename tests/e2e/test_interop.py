@@ -14,6 +14,7 @@ INTEROP = Path(__file__).parents[1] / "interop"
 
 
 def test_node_ws_client_speaks_the_chat_protocol(shoal: Shoal) -> None:
+    """Welcome, a room across two clients, an error and a binary echo, seen by Node's ws."""
     node = shutil.which("node")
     assert node, "Node.js is missing: ./dev test installs it"
     assert (INTEROP / "node_modules" / "ws").is_dir(), (

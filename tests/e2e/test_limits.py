@@ -19,6 +19,7 @@ from support import SCALE, Shoal, client
 def raw_websocket(port: int, path: str = "/ws", rcvbuf: int | None = None) -> socket.socket:
     """A hand-made WebSocket client: handshake done, then it does only what the test says."""
     sock = socket.socket()
+    sock.settimeout(5 * SCALE)
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect(("127.0.0.1", port))
@@ -40,24 +41,26 @@ def read_close_code(sock: socket.socket, timeout: float) -> int:
     """Read frames until the close frame; return its code."""
     sock.settimeout(timeout * SCALE)
     buffer = b""
-    while True:
-        while len(buffer) < 2:
-            buffer += sock.recv(1 << 20)
-        opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F
-        offset = 2
-        if length == 126:
-            while len(buffer) < 4:
-                buffer += sock.recv(1 << 20)
-            length, offset = struct.unpack("!H", buffer[2:4])[0], 4
-        elif length == 127:
-            while len(buffer) < 10:
-                buffer += sock.recv(1 << 20)
-            length, offset = struct.unpack("!Q", buffer[2:10])[0], 10
-        while len(buffer) < offset + length:
+
+    def fill(size: int) -> bytes:
+        """`buffer` holding at least `size` bytes; fails if the connection ends first."""
+        nonlocal buffer
+        while len(buffer) < size:
             chunk = sock.recv(1 << 20)
             if not chunk:
                 raise AssertionError("connection closed without a close frame")
             buffer += chunk
+        return buffer
+
+    while True:
+        fill(2)
+        opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F
+        offset = 2
+        if length == 126:
+            length, offset = struct.unpack("!H", fill(4)[2:4])[0], 4
+        elif length == 127:
+            length, offset = struct.unpack("!Q", fill(10)[2:10])[0], 10
+        fill(offset + length)
         if opcode == 0x8:
             return int(struct.unpack("!H", buffer[offset : offset + 2])[0])
         buffer = buffer[offset + length :]
@@ -66,10 +69,12 @@ def read_close_code(sock: socket.socket, timeout: float) -> int:
 async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
     tmp_path: Path, settings: dict[str, Any]
 ) -> None:
+    """A client that stops reading is closed with 4000; the room's others keep receiving."""
     settings["server"].update(
         worker_num=1, buffer_output_size=256 * 1024, max_message_size=64 * 1024
     )
     node = Shoal(tmp_path, settings).start()
+    slow: socket.socket | None = None
     try:
         # A client that joins a room, then never reads again, behind a small socket buffer.
         slow = raw_websocket(node.port, "/ws?user_id=slow", rcvbuf=4096)
@@ -103,7 +108,6 @@ async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
                     assert message["type"] == "room_message" and message["message"][0] == n
             # The slow client reads its backlog and finds it was closed as a slow consumer.
             assert await asyncio.to_thread(read_close_code, slow, 10) == 4000
-            slow.close()
             # Others were not held back, and the server forgot the slow client.
             if "slow" not in left:
                 assert (await fast.expect("user_left_room"))["user_id"] == "slow"
@@ -111,13 +115,15 @@ async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
             assert [u["user_id"] for u in presence["users"]] == ["fast", "pub"]
         assert "slow consumer" in node.log()
     finally:
-        slow.close()
+        if slow is not None:
+            slow.close()
         node.stop()
 
 
 async def test_frame_over_max_message_size_closes_with_1009(
     tmp_path: Path, settings: dict[str, Any]
 ) -> None:
+    """A frame over max_message_size closes that connection with 1009, and only that one."""
     settings["server"].update(max_message_size=1024)
     node = Shoal(tmp_path, settings).start()
     try:
@@ -136,6 +142,7 @@ async def test_frame_over_max_message_size_closes_with_1009(
 async def test_idle_client_is_closed_and_pinged_client_is_not(
     tmp_path: Path, settings: dict[str, Any]
 ) -> None:
+    """A client that never answers pings is closed with 4001; one that answers stays."""
     settings["server"].update(heartbeat_check_interval=0.5, heartbeat_idle_time=1.5)
     node = Shoal(tmp_path, settings).start()
     try:
@@ -150,6 +157,7 @@ async def test_idle_client_is_closed_and_pinged_client_is_not(
 
 
 async def test_invalid_user_id_is_refused_with_1008(shoal: Shoal) -> None:
+    """A user_id that is not a valid name closes the connection with 1008 and says why."""
     async with client(shoal.url("bad%21user"), welcome=None) as bad:
         with pytest.raises(ConnectionClosed):
             await bad.recv()

@@ -13,14 +13,19 @@ from support import Shoal, client
 
 @pytest.fixture
 def nodes(tmp_path: Path, settings: dict[str, Any]) -> Iterator[tuple[Shoal, Shoal]]:
-    first = Shoal(tmp_path / "a", settings).start()
-    second = Shoal(tmp_path / "b", settings).start()
-    yield first, second
-    first.stop()
-    second.stop()
+    first = Shoal(tmp_path / "a", settings)
+    second = Shoal(tmp_path / "b", settings)
+    try:
+        first.start()
+        second.start()
+        yield first, second
+    finally:
+        first.stop()
+        second.stop()
 
 
 async def test_rooms_broadcast_private_and_presence_span_nodes(nodes: tuple[Shoal, Shoal]) -> None:
+    """Rooms, broadcast, channels, private messages and presence work across nodes."""
     a, b = nodes
     async with client(a.url("ann")) as ann, client(b.url("bo")) as bo, client(b.url("cy")) as cy:
         assert ann.connection_id.split(".")[0] != bo.connection_id.split(".")[0]  # node ids
@@ -32,7 +37,7 @@ async def test_rooms_broadcast_private_and_presence_span_nodes(nodes: tuple[Shoa
         await ann.send({"type": "room_message", "room": "r", "message": "across"})
         for member in (ann, bo):
             assert (await member.expect("room_message"))["message"] == "across"
-        await cy.silent()
+        await cy.silent()  # not a member: nothing comes within the wait
 
         await bo.send({"type": "broadcast", "message": "to all"})
         for other in (ann, cy):
@@ -52,19 +57,22 @@ async def test_rooms_broadcast_private_and_presence_span_nodes(nodes: tuple[Shoa
 
 
 async def test_prefixes_keep_deployments_apart(tmp_path: Path, settings: dict[str, Any]) -> None:
+    """Two deployments on one Redis with different prefixes see nothing of each other."""
     other = {
         **settings,
         "redis": {**settings["redis"], "prefix": settings["redis"]["prefix"] + "x"},
     }
-    a = Shoal(tmp_path / "a", settings).start()
-    b = Shoal(tmp_path / "b", other).start()
+    a = Shoal(tmp_path / "a", settings)
+    b = Shoal(tmp_path / "b", other)
     try:
+        a.start()
+        b.start()
         async with client(a.url("ann")) as ann, client(b.url("bo")) as bo:
             await ann.request({"type": "join_room", "room": "r"}, "joined_room")
             joined = await bo.request({"type": "join_room", "room": "r"}, "joined_room")
             assert joined["members"] == ["bo"]
             await bo.send({"type": "broadcast", "message": "only mine"})
-            await ann.silent()
+            await ann.silent()  # another deployment's broadcast never comes
             error = await ann.request({"type": "private", "to": "bo", "message": "x"}, "error")
             assert error["message"] == "User not found"
             presence = await bo.request({"type": "presence"}, "presence")
