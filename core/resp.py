@@ -183,6 +183,7 @@ class Link(asyncio.Protocol):
         self.paused = False
         # Set while Redis answers BUSY or LOADING: new commands fail at once with it.
         self.refusing: RedisReplyError | None = None
+        self.blocked = True  # until connected; see _update_blocked()
         # How a connection in pub/sub mode sends its health check: its owner matches
         # replies to commands in order, so it must send the PING itself.
         self.on_ping: Callable[[], None] | None = None
@@ -194,72 +195,97 @@ class Link(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=self.timeouts.write_buffer)
+        self._update_blocked()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             _keepalive(sock, self.timeouts.health_check)
 
     def pause_writing(self) -> None:
         self.paused = True
+        self._update_blocked()
 
     def resume_writing(self) -> None:
         self.paused = False
+        self._update_blocked()
+
+    def _update_blocked(self) -> None:
+        # One flag for the send path, which runs once per command.
+        self.blocked = (
+            self.transport is None or self.stalled or self.paused or self.refusing is not None
+        )
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
+        on_push = self.on_push
+        push_kinds = self.push_kinds
+        pending = self.pending
+        pushed: list[list[Any]] = []
+        answered = False
+        trouble: list[RedisReplyError] = []
         try:
             reader.feed(data)
-            replies = []
             while (reply := reader.gets()) is not False:
-                replies.append(reply)
+                if on_push is not None and type(reply) is list and reply and reply[0] in push_kinds:
+                    pushed.append(reply)
+                    answered = True
+                    continue
+                if type(reply) is hiredis.ReplyError:
+                    error = reply_error(str(reply))
+                    trouble.append(error)
+                    if self._refused(error, pushed):
+                        pushed = []  # handed on first, in order with the error
+                    answered = False
+                    continue
+                answered = True
+                if not pending:
+                    if pushed and on_push is not None:
+                        self._push(on_push, pushed)  # in order with the stray
+                        pushed = []
+                    self._stray(reply)
+                    continue
+                waiter = pending.popleft()
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(reply)
         except hiredis.ProtocolError as exc:
             self.abort(f"redis sent data that is not RESP: {exc}")
             return
         now = self.loop.time()
         self.last_read = now
-        self.stalled = False
-        on_push = self.on_push
-        pushed: list[list[Any]] = []
-        readonly = False
-        for reply in replies:
-            if (
-                on_push is not None
-                and type(reply) is list
-                and reply
-                and reply[0] in self.push_kinds
-            ):
-                pushed.append(reply)
-                self.refusing = None
-                continue
-            error = reply_error(str(reply)) if type(reply) is hiredis.ReplyError else None
-            if error is None:
-                self.refusing = None
-            elif type(error) in _SERVER_WIDE:
-                if self.refusing is None:
-                    self._warn("busy", "%s; refusing commands until it answers again", error)
-                self.refusing = error
-            readonly = readonly or type(error) is RedisReadOnly
-            if not self.pending:
-                # In order: a pub/sub error answers the command after the pushes before it.
-                if pushed and on_push is not None:
-                    self._push(on_push, pushed)
-                    pushed = []
-                self._stray(error or reply)
-                continue
-            waiter = self.pending.popleft()
-            if waiter is None:
-                if error is not None:
-                    self._warn("refused", "redis refused a command: %s", error)
-            elif not waiter.done():
-                if error is not None:
-                    waiter.set_exception(error)
-                else:
-                    waiter.set_result(reply)
+        if answered and self.refusing is not None:
+            self.refusing = None  # Redis answered normally: it is no longer busy
+        if self.blocked or trouble:
+            self.stalled = False  # something came back
+            self._update_blocked()
         if pushed and on_push is not None:
             self._push(on_push, pushed)
-        self.waiting_since = now if self.pending or self.awaiting_pushes else None
-        if readonly:
+        self.waiting_since = now if pending or self.awaiting_pushes else None
+        if any(type(error) is RedisReadOnly for error in trouble):
             # A replica answered: after a failover the address may lead to the new primary.
             self.abort("redis answered READONLY (a replica); reconnecting")
+
+    def _refused(self, error: RedisReplyError, pushed: list[list[Any]]) -> bool:
+        """Hand an error reply to what waits for it.
+
+        Returns True when nothing did (a stray, handed to `on_stray`): the pushes read
+        before it were then handed on first, and the caller must start a new list.
+        """
+        if type(error) in _SERVER_WIDE:
+            if self.refusing is None:
+                self._warn("busy", "%s; refusing commands until it answers again", error)
+            self.refusing = error
+        else:
+            self.refusing = None
+        if not self.pending:
+            if pushed and self.on_push is not None:
+                self._push(self.on_push, pushed)  # in order: pub/sub errors follow pushes
+            self._stray(error)
+            return True
+        waiter = self.pending.popleft()
+        if waiter is None:
+            self._warn("refused", "redis refused a command: %s", error)
+        elif not waiter.done():
+            waiter.set_exception(error)
+        return False
 
     @staticmethod
     def _push(on_push: OnPush, pushed: list[list[Any]]) -> None:
@@ -270,6 +296,7 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.blocked = True
         error = RedisUnavailable()
         while self.pending:
             waiter = self.pending.popleft()
@@ -318,13 +345,16 @@ class Link(asyncio.Protocol):
             self._queue(packed)
 
     def _queue(self, packed: bytes) -> None:
-        if self.transport is None or self.stalled or self.paused:
+        if self.blocked:
+            if self.refusing is not None and self.transport is not None:
+                raise type(self.refusing)(self.refusing.reply)
             raise RedisUnavailable()
-        if self.refusing is not None:
-            raise type(self.refusing)(self.refusing.reply)
-        self._write(packed)
+        if not self.outbox:
+            self.loop.call_soon(self._flush)
+        self.outbox.append(packed)
 
     def _write(self, packed: bytes) -> None:
+        """Queue `packed` whatever the state (a health check must get through)."""
         if not self.outbox:
             self.loop.call_soon(self._flush)
         self.outbox.append(packed)
@@ -351,8 +381,9 @@ class Link(asyncio.Protocol):
             waited = now - self.waiting_since
             if waited > timeouts.socket:
                 self.abort(f"no reply from redis for {waited:.1f} s")
-            elif waited > timeouts.stall:
+            elif waited > timeouts.stall and not self.stalled:
                 self.stalled = True
+                self._update_blocked()
             return
         if self.refusing is not None:
             # Redis said it is busy or loading: ask again each tick, not each interval.
@@ -517,10 +548,11 @@ class Client:
         waiters = [link.send(*command) for command in commands]
         try:
             return [await waiter for waiter in waiters]
-        finally:
-            for waiter in waiters:  # mark errors after the first one retrieved
+        except BaseException:
+            for waiter in waiters:  # errors after the first: retrieved, never "never retrieved"
                 if waiter.done() and not waiter.cancelled():
                     waiter.exception()
+            raise
 
     async def transaction(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Run `commands` in MULTI/EXEC; return EXEC's replies.

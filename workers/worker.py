@@ -114,7 +114,7 @@ class Worker:
         self.sequence = 0
         # None until the first heartbeat: only a recovery is worth a log line.
         self.redis_state_up: bool | None = None
-        self.state_beat = 0.0  # loop time of the last heartbeat Redis acknowledged
+        self.state_beat = 0.0  # monotonic time of the last heartbeat Redis acknowledged
         self.gone: dict[str, _Gone] = {}
         self.untold: list[tuple[str, list[str]]] = []
         self.state_since = 0.0  # when the state was last found kept again after a failure
@@ -166,11 +166,11 @@ class Worker:
             ]
             if config.server.heartbeat_check_interval:
                 loops.append(asyncio.create_task(self._keepalive(), name="keepalive"))
-            code = CloseCode(self.scoreboard.close_code(self.seat) or CloseCode.GOING_AWAY)
-            if not await loops_.until_stopped(self.stopping, loops, f"worker {self.id}"):
+            if await loops_.until_stopped(self.stopping, loops, f"worker {self.id}"):
+                # The master says how clients should take it: 1001 for a stop.
+                code = CloseCode(self.scoreboard.close_code(self.seat) or CloseCode.GOING_AWAY)
+            else:
                 status, code = EXIT_FAILED, CloseCode.INTERNAL_ERROR
-            elif self.scoreboard.close_code(self.seat):
-                code = CloseCode(self.scoreboard.close_code(self.seat))
             await self._shutdown(server, code)
         beat.cancel()
         await bus.close()
@@ -187,9 +187,11 @@ class Worker:
         attempt = 0
         while not self.stopping.is_set():
             try:
-                if self.hub.bus.up:
-                    await self.hub.bus.subscribe(keys.bus_all)
-                    await self.hub.bus.subscribe(self.hub.worker_channel)
+                bus = self.hub.bus
+                if bus.up:
+                    for channel in (keys.bus_all, self.hub.worker_channel):
+                        if channel not in bus.wanted:  # a retry keeps what went through
+                            await bus.subscribe(channel)
                     await self._refresh_heartbeat(strict=True)
                     if time.monotonic() - started > 1:
                         logger.info("redis reachable; worker %s starting", self.id)

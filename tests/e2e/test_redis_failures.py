@@ -74,7 +74,7 @@ def busy(own: RedisServer) -> Iterator[None]:
 def read_only(own: RedisServer) -> Iterator[None]:
     """A failover gone wrong: the address now leads to a replica (of an empty primary)."""
     primary = RedisServer()
-    primary.start()
+    primary.start("--repl-diskless-sync-delay", "0")  # default: wait 5 s for more replicas
     try:
         own.client().replicaof("127.0.0.1", primary.port)
         wait_until(
