@@ -387,6 +387,15 @@ class Client:
                 raise AssertionError(f"unexpected message: {message!r}")
 
 
+async def join(room: str, *members: Client) -> None:
+    """Each of `members` joins `room` in turn; the ones already in it read the
+    `user_joined_room` of each that follows, so that nothing is left unread."""
+    for n, member in enumerate(members):
+        await member.request({"type": "join_room", "room": room}, "joined_room")
+        for earlier in members[:n]:
+            await earlier.expect("user_joined_room")
+
+
 @contextlib.asynccontextmanager
 async def client(url: str, *, welcome: str | None = "welcome") -> AsyncIterator[Client]:
     """A connected client; it first waits for a message of type `welcome` (None: none)."""

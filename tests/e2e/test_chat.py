@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from support import Shoal, client, clients_on_workers, eventually, wait_until
+from support import Shoal, client, clients_on_workers, eventually, join, wait_until
 
 
 async def test_welcome_and_clients_on_both_workers(shoal: Shoal) -> None:
@@ -185,9 +185,7 @@ async def test_close_leaves_rooms_and_notifies(
 ) -> None:
     """A closed connection leaves its rooms: members are told, Redis forgets it."""
     async with clients_on_workers(shoal, ["ann", "bo"]) as (ann, bo):
-        await ann.request({"type": "join_room", "room": "r"}, "joined_room")
-        await bo.request({"type": "join_room", "room": "r"}, "joined_room")
-        await ann.expect("user_joined_room")
+        await join("r", ann, bo)
         await bo.ws.close()
         assert await ann.expect("user_left_room") == {
             "type": "user_left_room",

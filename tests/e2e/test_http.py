@@ -17,6 +17,7 @@ from support import (
     client,
     clients_on_workers,
     eventually,
+    join,
     wait_until,
 )
 
@@ -105,9 +106,7 @@ async def test_redis_outage_is_reported_and_survived(
     node = Shoal(tmp_path, settings).start()
     try:
         async with clients_on_workers(node, ["ann", "bo"]) as (ann, bo):
-            await ann.request({"type": "join_room", "room": "r"}, "joined_room")
-            await bo.request({"type": "join_room", "room": "r"}, "joined_room")
-            await ann.expect("user_joined_room")
+            await join("r", ann, bo)
 
             own_redis.stop()
             wait_until(
@@ -150,9 +149,7 @@ async def test_embedded_redis_that_dies_is_restarted(tmp_path: Path) -> None:
     node.start()
     try:
         async with clients_on_workers(node, ["ann", "bo"]) as (ann, bo):
-            await ann.request({"type": "join_room", "room": "r"}, "joined_room")
-            await bo.request({"type": "join_room", "room": "r"}, "joined_room")
-            await ann.expect("user_joined_room")
+            await join("r", ann, bo)
             redis_pid = node.redis_pid()
             os.kill(redis_pid, signal.SIGKILL)
             wait_until(lambda: redis_pid not in node.child_pids(), 5, "redis to die")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from support import SCALE, SHOAL, RedisServer, Shoal, client, clients_on_workers, wait_until
+from support import SCALE, SHOAL, RedisServer, Shoal, client, clients_on_workers, join, wait_until
 
 
 def test_version() -> None:
@@ -64,9 +64,7 @@ async def test_kill_9_of_a_worker_respawns_it_and_leaves_no_ghosts(
     """A worker killed with SIGKILL is respawned; its connections' state is removed."""
     redis = redis_server.client()
     async with clients_on_workers(shoal, ["ann", "bo"]) as (ann, bo):
-        await ann.request({"type": "join_room", "room": "r"}, "joined_room")
-        await bo.request({"type": "join_room", "room": "r"}, "joined_room")
-        await ann.expect("user_joined_room")
+        await join("r", ann, bo)
         victim = int(bo.connection_id.split(".")[2])
         assert victim in shoal.worker_pids()
         killed_at = time.monotonic()
@@ -270,9 +268,7 @@ async def test_one_worker_node_tells_rooms_once_its_worker_is_back(
         node.start()
         other.start()
         async with client(other.url("ann")) as ann, client(node.url("bo")) as bo:
-            await ann.request({"type": "join_room", "room": "r"}, "joined_room")
-            await bo.request({"type": "join_room", "room": "r"}, "joined_room")
-            await ann.expect("user_joined_room")
+            await join("r", ann, bo)
             os.kill(node.worker_pids()[0], signal.SIGKILL)
             # The node's only worker is gone; the notice waits for the new one.
             left = await ann.expect("user_left_room", timeout=10)

@@ -30,6 +30,7 @@ from support import (
     client,
     clients_on_workers,
     eventually,
+    join,
     wait_until,
 )
 
@@ -157,9 +158,7 @@ async def test_error_replies_lose_no_state(
     """
     node = node_on_own_redis
     async with clients_on_workers(node, ["ann", "bo"]) as (ann, bo):
-        await ann.request({"type": "join_room", "room": "r"}, "joined_room")
-        await bo.request({"type": "join_room", "room": "r"}, "joined_room")
-        await ann.expect("user_joined_room")
+        await join("r", ann, bo)
         workers = {ann.worker, bo.worker}
 
         with CONDITIONS[condition](own_redis):
@@ -245,9 +244,7 @@ async def test_a_refused_subscription_fails_alone(
     node = Shoal(tmp_path, settings).start()
     try:
         async with clients_on_workers(node, ["ann", "bo"]) as (ann, bo):
-            await ann.request({"type": "join_room", "room": "open1"}, "joined_room")
-            await bo.request({"type": "join_room", "room": "open1"}, "joined_room")
-            await ann.expect("user_joined_room")
+            await join("open1", ann, bo)
             reply = await ann.request({"type": "join_room", "room": "secret"}, "error")
             assert reply["message"] == "Service unavailable"
             # The same worker's other room did not miss a message.
@@ -274,9 +271,7 @@ async def test_a_frozen_redis_delays_no_respawn_and_loses_no_departure(
     worker came back after 8.3 s instead of at once."""
     node = node_on_own_redis
     async with clients_on_workers(node, ["ann", "bo"]) as (ann, bo):
-        await ann.request({"type": "join_room", "room": "r"}, "joined_room")
-        await bo.request({"type": "join_room", "room": "r"}, "joined_room")
-        await ann.expect("user_joined_room")
+        await join("r", ann, bo)
         own_redis.freeze()
         try:
             victim = int(bo.connection_id.split(".")[2])
@@ -361,9 +356,7 @@ async def test_senders_are_told_when_redis_freezes(
     """
     node = node_on_own_redis
     async with clients_on_workers(node, ["ann", "bo"]) as (ann, bo):
-        await ann.request({"type": "join_room", "room": "r"}, "joined_room")
-        await bo.request({"type": "join_room", "room": "r"}, "joined_room")
-        await ann.expect("user_joined_room")
+        await join("r", ann, bo)
         accepted: list[int] = []
         with frozen(own_redis, how):
             started = time.monotonic()
@@ -462,9 +455,7 @@ async def test_a_half_open_redis_connection_is_replaced(
     node = Shoal(tmp_path, settings).start()
     try:
         async with clients_on_workers(node, ["ann", "bo"]) as (ann, bo):
-            await ann.request({"type": "join_room", "room": "r"}, "joined_room")
-            await bo.request({"type": "join_room", "room": "r"}, "joined_room")
-            await ann.expect("user_joined_room")
+            await join("r", ann, bo)
             opened = proxy.accepted
             assert proxy.blackhole() >= 6  # 3 per worker, and the housekeeper's
             cut = time.monotonic()

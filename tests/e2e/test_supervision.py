@@ -15,7 +15,7 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from support import SCALE, Shoal, client, clients_on_workers, wait_until
+from support import SCALE, Shoal, client, clients_on_workers, join, wait_until
 
 STUCK_APP = """
 import time
@@ -147,9 +147,7 @@ async def test_the_housekeeper_is_respawned_and_does_its_work(shoal: Shoal, pref
     )
     # The new one cleans up after a dead worker as the old one would have.
     async with clients_on_workers(shoal, ["ann", "bo"]) as (ann, bo):
-        await ann.request({"type": "join_room", "room": "r"}, "joined_room")
-        await bo.request({"type": "join_room", "room": "r"}, "joined_room")
-        await ann.expect("user_joined_room")
+        await join("r", ann, bo)
         os.kill(int(bo.connection_id.split(".")[2]), signal.SIGKILL)
         left = await ann.expect("user_left_room", timeout=5)
         assert left["user_id"] == "bo"
