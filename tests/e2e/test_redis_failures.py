@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 import redis
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from support import (
     SCALE,
@@ -127,6 +129,18 @@ def refreshed_after(own: RedisServer, prefix: str, workers: set[str], since: flo
     return True
 
 
+async def newcomer_turned_away(node: Shoal) -> None:
+    """A handshake while Redis fails: refused with 503, or closed with 1013 when Redis
+    failed while registering it."""
+    try:
+        async with connect(node.url("newcomer"), open_timeout=5 * SCALE) as ws:
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5 * SCALE)
+            assert ws.close_code == 1013
+    except InvalidStatus as exc:
+        assert exc.response.status_code == 503  # noqa: PT017 - either outcome is right
+
+
 def not_kept(node: Shoal) -> bool:
     """/healthz answers 503, its state not refreshed for half the heartbeat TTL (3 s)."""
     health = node.health() or {}
@@ -167,6 +181,7 @@ async def test_error_replies_lose_no_state(
             assert reply["message"] == "Service unavailable"
             echoed = await ann.request({"type": "still", "n": 1}, "echo")
             assert echoed["data"] == {"type": "still", "n": 1}
+            await newcomer_turned_away(node)
             # Health says the state is not being kept: heartbeats failed for ttl / 2.
             wait_until(lambda: not_kept(node), _CONDITION_SECONDS, "/healthz to say so")
         cleared = time.monotonic()
@@ -184,6 +199,17 @@ async def test_error_replies_lose_no_state(
             return await names(reply) == ["ann", "bo"]
 
         await eventually(both_present, 5, "both users back in presence")
+        # Nothing half-written stays: not the failed join, not the refused newcomer.
+        redis_client = own_redis.client()
+
+        def only_the_live_state() -> bool:
+            return (
+                len(list(redis_client.scan_iter(f"{prefix}:conn:*"))) == 2
+                and set(redis_client.hkeys(f"{prefix}:users")) == {"ann", "bo"}
+                and not redis_client.exists(f"{prefix}:room:other")
+            )
+
+        wait_until(only_the_live_state, 5, "Redis to hold exactly the live connections")
         await ann.request({"type": "private", "to": "bo", "message": "hi"}, "message_sent")
         assert (await bo.expect("private_message"))["message"] == "hi"
         await ann.send({"type": "room_message", "room": "r", "message": "after"})
