@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.server import ServerConnection
 from websockets.protocol import OPEN
 
 from shoal.core import protocol
@@ -16,48 +15,10 @@ from shoal.core.registry import Snapshot
 from shoal.core.schema import CloseCode
 
 if TYPE_CHECKING:
-    from shoal.workers.admission import Admission
     from shoal.workers.hub import Hub
+    from shoal.workers.transport import WebSocket
 
 logger = logging.getLogger(__name__)
-
-
-class Socket(ServerConnection):
-    """websockets' server connection, noting when the client last sent anything, and
-    releasing its admission when the transport is gone.
-
-    Any bytes count, pongs included, so a client that answers pings is never idle.
-    """
-
-    last_seen: float
-    admission: Admission | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.last_seen = self.loop.time()
-
-    def data_received(self, data: bytes) -> None:
-        self.last_seen = self.loop.time()
-        super().data_received(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        admission, self.admission = self.admission, None
-        if admission is not None:
-            admission.release()
-        super().connection_lost(exc)
-
-
-async def close_socket(socket: ServerConnection, code: int, reason: str, grace: float) -> None:
-    """Close with `code`, and abort the TCP connection if that takes longer than `grace` s.
-
-    websockets' `close()` first drains the write buffer, which never happens for a client
-    that stopped reading: the timeout bounds the memory such a client holds.
-    """
-    try:
-        async with asyncio.timeout(grace):
-            await socket.close(code, reason)
-    except TimeoutError:
-        socket.transport.abort()
 
 
 class Connection:
@@ -76,37 +37,44 @@ class Connection:
 
     __slots__ = (
         "address",
+        "busy",
         "channels",
         "closing",
         "connected_at",
         "deflate",
         "hub",
         "id",
+        "inbox",
         "metadata",
+        "protocol",
         "request_path",
         "rooms",
-        "socket",
         "transport",
         "user_id",
+        "ws",
     )
 
-    def __init__(self, cid: str, user_id: str, socket: Socket, hub: Hub, connected_at: int) -> None:
+    def __init__(self, cid: str, user_id: str, ws: WebSocket, hub: Hub, connected_at: int) -> None:
         self.id = cid
         self.user_id = user_id
-        self.socket = socket
-        self.transport = socket.transport
+        self.ws = ws
+        # The hot path reads these two directly: one attribute each, per write.
+        self.protocol = ws.protocol
+        self.transport = ws.transport
         self.hub = hub
         self.connected_at = connected_at
-        peer = socket.remote_address
-        self.address = f"{peer[0]}:{peer[1]}" if peer else ""
-        self.request_path = socket.request.path if socket.request else ""
+        self.address = ws.remote_address
+        self.request_path = ws.request.path if ws.request else ""
         self.metadata: dict[str, Any] = {}
         self.rooms: set[str] = set()
         self.channels: set[str] = set()
         # With permessage-deflate each connection compresses with its own context, so
         # shared pre-built frames cannot be used for it.
-        self.deflate = bool(socket.protocol.extensions)
+        self.deflate = ws.compressed
         self.closing = False
+        # Messages waiting while a handler of this connection is waiting (in order).
+        self.inbox: collections.deque[Any] = collections.deque()
+        self.busy = False
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.user_id}>"
@@ -135,22 +103,22 @@ class Connection:
         if not self.deflate:
             self.write(wire)
             return
-        socket = self.socket
-        if socket.protocol.state is not OPEN:
-            return
-        if text:
-            socket.protocol.send_text(payload)
-        else:
-            socket.protocol.send_binary(payload)
-        socket.send_data()
-        if self.transport.get_write_buffer_size() > self.hub.buffer_limit:
+        if self.protocol.state is not OPEN:
+            return  # a compressed frame goes through the protocol, which is closing
+        self.ws.send(payload, text=text)
+        if self.ws.buffered() > self.hub.buffer_limit:
             self.cut_off()
 
     def write(self, wire: bytes) -> None:
-        """Write whole pre-built frames (one or several), for a client without compression."""
-        if self.socket.protocol.state is not OPEN:
+        """Write whole pre-built frames (one or several), for a client without compression.
+
+        Nothing is written once the closing handshake has begun, except replies to what
+        arrived before the close in the same read: they still precede the close frame.
+        """
+        if self.protocol.state is not OPEN and not self.ws.replying:
             return
         transport = self.transport
+        assert transport is not None  # OPEN: the transport is there
         transport.write(wire)
         if transport.get_write_buffer_size() > self.hub.buffer_limit:
             self.cut_off()
@@ -158,22 +126,26 @@ class Connection:
     def cut_off(self) -> None:
         if not self.closing:
             logger.warning(
-                "closing %s as a slow consumer: %d bytes unsent",
-                self.id,
-                self.transport.get_write_buffer_size(),
+                "closing %s as a slow consumer: %d bytes unsent", self.id, self.ws.buffered()
             )
             self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer")
 
     def close_soon(self, code: int, reason: str) -> None:
-        """Start closing in the background, once: later calls do nothing."""
+        """Start the closing handshake, once: later calls do nothing.
+
+        The close frame queues behind what is unsent; a client that does not complete the
+        handshake within `server.close_timeout` is dropped, which bounds the memory a
+        client that stopped reading can hold.
+        """
         if not self.closing:
-            self.closing = True  # before the task runs: more deliveries may come first
-            self.hub.spawn(self.close(code, reason))
+            self.closing = True
+            self.ws.close(code, reason)
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Close the connection; the server's close handling then runs as for any close."""
-        self.closing = True
-        await close_socket(self.socket, code, reason, self.hub.close_timeout)
+        """Close the connection and wait until it is gone; `on_close` then runs as for
+        any close."""
+        self.close_soon(code, reason)
+        await self.ws.wait_closed()
 
     # Rooms, channels, metadata
 

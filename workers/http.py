@@ -7,20 +7,21 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
+
+from shoal.workers.transport import WebSocket
 
 HEALTH_PATH = "/healthz"
 
-ProcessRequest = Callable[[ServerConnection, Request], Response | None]
+Route = Callable[[WebSocket, Request], Response | None]
 
 
 def router(
     ws_path: str,
     health: Callable[[], tuple[bool, dict[str, Any]]],
-    admit: Callable[[ServerConnection], str | None],
-) -> ProcessRequest:
-    """Build websockets' `process_request` hook.
+    admit: Callable[[WebSocket], str | None],
+) -> Route:
+    """Build the handshake router of a worker's connections.
 
     Args:
         ws_path: the WebSocket path; upgrades elsewhere get 404.
@@ -29,12 +30,13 @@ def router(
             against `max_connection`), or why it is refused (503).
     """
 
-    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+    def route(ws: WebSocket, request: Request) -> Response | None:
+        respond = ws.protocol.reject
         path = request.path.partition("?")[0]
         if path == HEALTH_PATH:
             healthy, details = health()
             status = http.HTTPStatus.OK if healthy else http.HTTPStatus.SERVICE_UNAVAILABLE
-            response = connection.respond(status, "")
+            response = respond(status, "")
             response.body = orjson.dumps(details) + b"\n"
             # Headers is a multi-dict: assignment would add a second value.
             del response.headers["Content-Type"], response.headers["Content-Length"]
@@ -42,14 +44,14 @@ def router(
             response.headers["Content-Length"] = str(len(response.body))
             return response
         if path != ws_path:
-            return connection.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
-        # A request without an upgrade goes on to websockets, which answers
+            return respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
+        # A request without an upgrade goes on to websockets' handshake, which answers
         # 426 Upgrade Required, or 400 when the upgrade itself is malformed.
         if "Upgrade" not in request.headers:
             return None
-        refusal = admit(connection)
+        refusal = admit(ws)
         if refusal is not None:
-            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, refusal + "\n")
+            return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, refusal + "\n")
         return None
 
-    return process_request
+    return route

@@ -1,74 +1,108 @@
-"""What shoal relies on inside websockets, beyond its documented API.
+"""What shoal relies on in websockets: its sans-I/O protocol API, exercised in memory
+against websockets' own client protocol.
 
-The worker subclasses websockets' asyncio `ServerConnection` and writes pre-built frames
-straight to its transport (one encoding and one framing per message, whatever the number
-of recipients). pyproject.toml pins websockets below its next major version; these tests
-fail loudly, naming what moved, if an upgrade changes any of it.
+The worker's transport (`shoal.workers.transport`) drives `ServerProtocol` itself and
+writes pre-built frames to the transport for fan-out. That API is public and documented,
+but pyproject.toml still pins websockets below its next major version; these tests fail
+loudly, naming what moved, if an upgrade changes any of it.
 """
 
 from __future__ import annotations
 
-import asyncio
 from importlib.metadata import version
 
 import pytest
-import websockets
-from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.protocol import OPEN
+from websockets.client import ClientProtocol
+from websockets.extensions.permessage_deflate import (
+    ClientPerMessageDeflateFactory,
+    enable_server_permessage_deflate,
+)
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import CLOSED, CLOSING, OPEN
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
 
 from shoal.core import protocol
-from shoal.workers.connection import Socket
-
-from support import SCALE
 
 
 def test_the_pinned_major_version() -> None:
     assert version("websockets").split(".")[0] == "17", (
-        "websockets changed major version: check shoal.workers.connection against it, "
+        "websockets changed major version: check shoal.workers.transport against it, "
         "then move the pin in pyproject.toml"
     )
 
 
-@pytest.mark.parametrize("compression", [None, "deflate"])
-async def test_a_connection_subclass_and_frames_written_to_its_transport(
-    compression: str | None,
-) -> None:
-    seen: list[Socket] = []
-    done = asyncio.Event()
+def _pair(compression: bool) -> tuple[ServerProtocol, ClientProtocol]:
+    """A server and a client protocol, handshake done, as the transport does it."""
+    extensions = list(enable_server_permessage_deflate(None)) if compression else None
+    server = ServerProtocol(extensions=extensions, max_size=1024)
+    client = ClientProtocol(
+        parse_uri("ws://shoal/ws?user_id=x"),
+        extensions=[ClientPerMessageDeflateFactory()] if compression else None,
+    )
+    request = client.connect()
+    client.send_request(request)
+    server.receive_data(b"".join(client.data_to_send()))
+    (event,) = server.events_received()
+    assert type(event) is Request and event.path == "/ws?user_id=x"
+    response = server.accept(event)
+    assert response.status_code == 101
+    server.send_response(response)
+    client.receive_data(b"".join(server.data_to_send()))
+    assert type(client.events_received()[0]) is Response
+    assert server.state is OPEN and client.state is OPEN
+    assert bool(server.extensions) is compression
+    return server, client
 
-    async def handler(connection: ServerConnection) -> None:
-        assert isinstance(connection, Socket), "serve(create_connection=...) was ignored"
-        seen.append(connection)
-        # The hooks the worker overrides, and the attributes it reads.
-        assert connection.protocol.state is OPEN
-        assert connection.request is not None and connection.request.path == "/ws?user_id=x"
-        assert connection.remote_address is not None
-        # The worker frames once for everyone unless the connection compresses.
-        assert bool(connection.protocol.extensions) == (compression is not None)
-        first = connection.last_seen
-        await connection.recv()
-        assert connection.last_seen > first, "data_received() is no longer called"
-        if compression is None:
-            # A frame built once, written to the transport as bytes (the fan-out path).
-            connection.transport.write(protocol.frame(b'{"n":1}'))
-        else:
-            connection.protocol.send_text(b'{"n":1}')
-        # A frame through the protocol object, flushed by send_data() (the deflate path).
-        connection.protocol.send_text(b'{"n":2}')
-        connection.send_data()
-        await done.wait()
 
-    async with serve(
-        handler, "127.0.0.1", 0, create_connection=Socket, compression=compression
-    ) as server:
-        port = server.sockets[0].getsockname()[1]
-        url = f"ws://127.0.0.1:{port}/ws?user_id=x"
-        async with connect(url, compression=compression) as ws:
-            await ws.send("hello")
-            async with asyncio.timeout(5 * SCALE):
-                assert await ws.recv() == '{"n":1}'
-                assert await ws.recv() == '{"n":2}'
-            done.set()
-    assert len(seen) == 1
-    assert websockets.version.version.startswith("17.")
+@pytest.mark.parametrize("compression", [False, True])
+def test_messages_both_ways_and_the_closing_handshake(compression: bool) -> None:
+    server, client = _pair(compression)
+    # A client message arrives as one Frame event.
+    client.send_text(b'{"type":"x"}')
+    server.receive_data(b"".join(client.data_to_send()))
+    (frame,) = server.events_received()
+    assert type(frame) is Frame and frame.opcode is Opcode.TEXT and frame.fin
+    assert frame.data == b'{"type":"x"}'
+    # A message through the protocol (compressed when negotiated).
+    server.send_text(b'{"n":1}')
+    if not compression:
+        # The fan-out path: one pre-built frame, bytes written for every recipient.
+        server_bytes = b"".join(server.data_to_send()) + protocol.frame(b'{"n":2}')
+        client.receive_data(server_bytes)
+        got = [f.data for f in client.events_received() if type(f) is Frame]
+        assert got == [b'{"n":1}', b'{"n":2}']
+    else:
+        client.receive_data(b"".join(server.data_to_send()))
+        got = [f.data for f in client.events_received() if type(f) is Frame]
+        assert got == [b'{"n":1}']
+    # The server closes: close frame, then the end of the stream once the client answers.
+    server.send_close(4000, "slow consumer")
+    assert server.state is CLOSING and server.close_expected()
+    client.receive_data(b"".join(server.data_to_send()))
+    client.events_received()
+    server.receive_data(b"".join(d for d in client.data_to_send() if d))
+    server.events_received()
+    assert b"" in server.data_to_send()  # SEND_EOF: half-close the TCP connection
+    server.receive_eof()
+    assert server.state is CLOSED and server.close_code == 4000
+
+
+def test_limits_and_refusals_the_transport_relies_on() -> None:
+    server, client = _pair(compression=False)
+    client.send_text(b"x" * 2000)  # over max_size (1024)
+    server.receive_data(b"".join(client.data_to_send()))
+    server.events_received()
+    assert server.close_sent is not None and server.close_sent.code == 1009
+    assert server.close_expected()
+
+    refusing = ServerProtocol()
+    response = refusing.reject(503, "server full\n")
+    assert response.status_code == 503 and response.body == b"server full\n"
+    refusing.send_response(response)
+    assert refusing.data_to_send()[-1] == b""  # the end of the stream follows a refusal
+
+    failing, _ = _pair(compression=False)
+    failing.fail(1007, "invalid UTF-8")
+    assert failing.state is CLOSING and failing.close_expected()

@@ -1,0 +1,275 @@
+"""The life of each client connection of a worker, from its handshake to its state's
+removal, run on the transport's callbacks (`shoal.workers.transport.Handlers`).
+
+Order and cost: a connection's messages are handled one at a time, in the order they
+arrived. A handler starts in the read callback itself (`shoal.workers.eager`); only one
+that has to wait (for Redis, say) gets a task, and the connection's next messages wait
+in its inbox meanwhile. A client whose inbox grows past `_INBOX_HIGH` messages is not
+read from until its handlers catch up (back to `_INBOX_LOW`): a flood from one client
+costs that client latency, not the worker its memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import secrets
+import time
+from collections.abc import Coroutine
+from typing import Any
+from urllib.parse import parse_qs
+
+from websockets.http11 import Request, Response
+
+from shoal.core import app as app_api
+from shoal.core import protocol
+from shoal.core.errors import ProtocolError, ServiceUnavailable
+from shoal.core.schema import CloseCode
+from shoal.workers import eager
+from shoal.workers.admission import Admission
+from shoal.workers.connection import Connection
+from shoal.workers.http import Route
+from shoal.workers.hub import Hub
+from shoal.workers.keeper import Departures, Keeper
+from shoal.workers.transport import WebSocket
+
+logger = logging.getLogger(__name__)
+
+_USER_ID = re.compile(r"[\w.@:+-]{1,128}")
+_INBOX_HIGH = 64
+_INBOX_LOW = 16
+_CLOSED = object()  # the inbox's last item: the connection is gone
+
+
+def user_from(path: str) -> str | None:
+    """The `user_id` query parameter of the handshake, if any.
+
+    Raises:
+        ProtocolError: it is present but not 1-128 word characters (or `.@:+-`).
+    """
+    values = parse_qs(path.partition("?")[2]).get("user_id")
+    if not values:
+        return None
+    if not _USER_ID.fullmatch(values[0]):
+        raise ProtocolError("Invalid user_id")
+    return values[0]
+
+
+class Sessions:
+    """The connections of one worker, as the transport reports them.
+
+    Args:
+        worker_id: this worker's id, the prefix of its connection ids.
+        app: the application.
+        hub: the worker's hub.
+        keeper: its state-keeping, for removals that failed.
+        admission: its connection count.
+        router: answers plain HTTP and refuses handshakes (`shoal.workers.http`).
+    """
+
+    def __init__(  # noqa: PLR0917 - the parts a worker composes, named where it builds them
+        self,
+        worker_id: str,
+        app: app_api.App,
+        hub: Hub,
+        keeper: Keeper,
+        admission: Admission,
+        router: Route,
+    ) -> None:
+        self.worker_id = worker_id
+        self.app = app
+        self.hub = hub
+        self.keeper = keeper
+        self.admission = admission
+        self.router = router
+        self.loop = asyncio.get_running_loop()
+        self.open: set[WebSocket] = set()
+        # Handlers that had to wait: asyncio keeps only weak references to tasks.
+        self.running: set[asyncio.Task[None]] = set()
+        self.sequence = 0
+
+    # The transport's callbacks
+
+    def route(self, ws: WebSocket, request: Request) -> Response | None:
+        return self.router(ws, request)
+
+    def opened(self, ws: WebSocket) -> None:
+        self.open.add(ws)
+        path = ws.request.path if ws.request else ""
+        try:
+            user = user_from(path) or f"u-{secrets.token_hex(6)}"
+        except ProtocolError as exc:
+            ws.close(CloseCode.POLICY_VIOLATION, str(exc))
+            return
+        self.sequence += 1
+        conn = Connection(
+            f"{self.worker_id}.{self.sequence}", user, ws, self.hub, int(time.time() * 1000)
+        )
+        ws.session = conn
+        self._start(conn, self._open(conn))
+
+    def received(self, ws: WebSocket, data: str | bytes) -> None:
+        conn: Connection | None = ws.session
+        if conn is None:
+            return  # being refused (an invalid user_id)
+        if conn.busy:
+            conn.inbox.append(data)
+            if len(conn.inbox) == _INBOX_HIGH:
+                ws.pause_reading()
+            return
+        self._start(conn, self._dispatch(conn, data))
+
+    def lost(self, ws: WebSocket) -> None:
+        if ws.admitted:
+            ws.admitted = False
+            self.admission.release()
+        self.open.discard(ws)
+        conn: Connection | None = ws.session
+        if conn is None:
+            return
+        # What the client sent before it went is still handled, then the state removed.
+        if conn.busy:
+            conn.inbox.append(_CLOSED)
+        else:
+            self._start(conn, self._forget(conn))
+
+    # Running handlers in order
+
+    def _start(self, conn: Connection, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` now; if it has to wait, hold the connection's next messages."""
+        while True:
+            try:
+                task = eager.start(coro, self.loop)
+            except Exception:  # the coroutines below handle their own errors
+                logger.exception("handler failed on connection %s", conn.id)
+                task = None
+            if task is not None:
+                conn.busy = True
+                self.running.add(task)
+                task.add_done_callback(functools.partial(self._resume, conn))
+                return
+            inbox = conn.inbox
+            if not inbox:
+                if conn.ws.replying:
+                    conn.ws.replied()
+                return
+            item = inbox.popleft()
+            if len(inbox) == _INBOX_LOW:
+                conn.ws.resume_reading()
+            coro = self._forget(conn) if item is _CLOSED else self._dispatch(conn, item)
+
+    def _resume(self, conn: Connection, task: asyncio.Task[None]) -> None:
+        self.running.discard(task)
+        conn.busy = False
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("handler failed on connection %s", conn.id, exc_info=task.exception())
+        inbox = conn.inbox
+        if not inbox:
+            if conn.ws.replying:
+                conn.ws.replied()
+            return
+        item = inbox.popleft()
+        if len(inbox) == _INBOX_LOW:
+            conn.ws.resume_reading()
+        self._start(conn, self._forget(conn) if item is _CLOSED else self._dispatch(conn, item))
+
+    # One connection's life
+
+    async def _open(self, conn: Connection) -> None:
+        """Register the connection, then run the application's `on_open`."""
+        try:
+            await self.hub.add(conn)
+        except ServiceUnavailable:
+            # Part of its state may have been written: remove it once Redis answers.
+            self.keeper.removal_failed(conn.id, conn.user_id, (), told=True)
+            conn.ws.session = None  # nothing more to do for it when it goes
+            conn.inbox.clear()
+            conn.close_soon(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
+            return
+        handler = self.app.open_handler
+        if handler is None:
+            return
+        try:
+            await handler(conn)
+        except ServiceUnavailable:
+            conn.close_soon(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
+        except ProtocolError as exc:
+            conn.close_soon(CloseCode.POLICY_VIOLATION, str(exc))
+        except Exception:
+            logger.exception("on_open failed on connection %s", conn.id)
+            conn.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
+
+    async def _dispatch(self, conn: Connection, data: str | bytes) -> None:
+        app = self.app
+        try:
+            if app.frame_handler is not None:
+                await app.frame_handler(conn, data)
+            elif type(data) is bytes:
+                if app.binary_handler is None:
+                    raise ProtocolError("Binary frames are not supported")
+                await app.binary_handler(conn, data)
+            else:
+                message = protocol.parse(data)
+                handler = app.handlers.get(message["type"], app.default_handler)
+                if handler is None:
+                    raise ProtocolError("Unknown message type")
+                await handler(conn, message)
+        except ServiceUnavailable:
+            # Whatever Redis said stays in the log; the client learns it may retry.
+            await conn.send({"type": "error", "message": ServiceUnavailable().args[0]})
+        except ProtocolError as exc:
+            await conn.send({"type": "error", "message": str(exc)})
+        except Exception:
+            logger.exception("handler failed on connection %s", conn.id)
+            await conn.send({"type": "error", "message": "Internal error"})
+
+    async def _forget(self, conn: Connection) -> None:
+        """Run `on_close`, then remove the connection's state.
+
+        If Redis fails on the way, nothing is lost: the removal is retried, and rooms
+        `on_close` could not tell are told through `on_departed`, once Redis is back.
+        """
+        rooms = tuple(sorted(conn.rooms))
+        told = True
+        if self.app.close_handler is not None:
+            try:
+                await self.app.close_handler(conn)
+            except ServiceUnavailable:
+                logger.warning("redis unavailable while closing %s; telling later", conn.id)
+                told = False
+            except Exception:
+                logger.exception("on_close failed on connection %s", conn.id)
+        try:
+            await self.hub.remove(conn)
+        except ServiceUnavailable:
+            self.keeper.removal_failed(conn.id, conn.user_id, rooms, told=told)
+            return
+        if not told:
+            self.keeper.left_untold(conn.user_id, list(rooms))
+
+    async def drain(self) -> None:
+        """Wait for every handler that is waiting, `on_close` included, to finish."""
+        while self.running or self.hub.tasks:
+            await asyncio.gather(*self.running, *self.hub.tasks, return_exceptions=True)
+
+    # Departures the application tells
+
+    def departed(self, departed: Departures) -> None:
+        """Run the application's `on_departed` for each (user, rooms)."""
+        handler = self.app.departed_handler
+        if handler is None:
+            return
+        for user, rooms in departed:
+            self.hub.spawn(self._run_departed(handler, user, rooms))
+
+    async def _run_departed(
+        self, handler: app_api.DepartedHandler, user: str, rooms: list[str]
+    ) -> None:
+        try:
+            await handler(self.hub, user, rooms)
+        except ServiceUnavailable:
+            logger.warning("redis unavailable while telling the rooms of departed user %s", user)
+        except Exception:
+            logger.exception("on_departed failed for user %s", user)

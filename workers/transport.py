@@ -1,0 +1,376 @@
+"""The worker's connections: an asyncio protocol on uvloop driving websockets' sans-I/O core.
+
+`websockets.server.ServerProtocol` does the protocol work (HTTP handshake, framing,
+masking, limits, the closing handshake, permessage-deflate); this module does the I/O
+around it with no task and no queue per connection: bytes arrive in `data_received`,
+go through the protocol, and each complete message goes straight to the worker's
+`received()` callback. Messages are assembled here from their frames (with UTF-8
+checked as fragments arrive, so an invalid text message fails at its first bad byte).
+
+Timers bound the two handshakes: a client that has not completed the opening handshake
+within `open_timeout`, or the closing handshake within `close_timeout` after it started,
+is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
+
+from websockets.extensions.base import ServerExtensionFactory
+from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
+from websockets.frames import CloseCode as WsCloseCode
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import CLOSED, CONNECTING, OPEN, State
+from websockets.server import ServerProtocol
+
+logger = logging.getLogger(__name__)
+
+# websockets logs every handshake and close at INFO on its own logger; shoal reports what
+# matters itself.
+_QUIET = logging.getLogger("shoal.workers.transport.protocol")
+_QUIET.setLevel(logging.WARNING)
+
+_TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+
+
+class Handlers(Protocol):
+    """What the worker does for each connection (`shoal.workers.worker.Worker`)."""
+
+    def route(self, ws: WebSocket, request: Request) -> Response | None:
+        """Answer a plain HTTP request or refuse a handshake; None to accept it."""
+
+    def opened(self, ws: WebSocket) -> None:
+        """The opening handshake completed (101 sent)."""
+
+    def received(self, ws: WebSocket, data: str | bytes) -> None:
+        """A complete message arrived, in order."""
+
+    def lost(self, ws: WebSocket) -> None:
+        """The TCP connection is gone, whatever the cause; called once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Limits of every connection of a worker (`server.*` in the config)."""
+
+    max_size: int
+    open_timeout: float
+    close_timeout: float
+    compression: bool
+    extensions: list[ServerExtensionFactory] = field(default_factory=list)
+
+    @classmethod
+    def make(
+        cls, max_size: int, open_timeout: float, close_timeout: float, compression: bool
+    ) -> Settings:
+        extensions = list(enable_server_permessage_deflate(None)) if compression else []
+        return cls(max_size, open_timeout, close_timeout, compression, extensions)
+
+
+class _ServerProtocol(ServerProtocol):
+    """websockets' server protocol, but a close frame may end a fragmented message.
+
+    RFC 6455 lets control frames arrive between the fragments of a message; websockets
+    fails the connection with 1002 when that control frame is a close. The unfinished
+    message is dropped instead and the closing handshake completes (Autobahn case
+    7.1.5). `current_size` and `recv_frame()` are checked by the contract tests.
+    """
+
+    def recv_frame(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.CLOSE:
+            self.current_size = None
+        super().recv_frame(frame)
+
+
+class WebSocket(asyncio.Protocol):
+    """One client connection.
+
+    Attributes:
+        protocol: websockets' sans-I/O state machine for it.
+        transport: the TCP transport, None once the connection is gone.
+        request: the opening handshake's request, once received.
+        last_seen: loop time when anything last arrived from the client.
+        session: what the worker attaches to it (its `Connection`).
+    """
+
+    __slots__ = (
+        "_decoder",
+        "_fragments",
+        "_lost",
+        "_timer",
+        "admitted",
+        "handlers",
+        "last_seen",
+        "loop",
+        "protocol",
+        "replying",
+        "request",
+        "session",
+        "settings",
+        "transport",
+    )
+
+    def __init__(self, handlers: Handlers, settings: Settings) -> None:
+        self.handlers = handlers
+        self.settings = settings
+        self.loop = asyncio.get_running_loop()
+        self.protocol: ServerProtocol = _ServerProtocol(
+            extensions=settings.extensions or None,
+            max_size=settings.max_size,
+            logger=_QUIET,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.request: Request | None = None
+        self.session: Any = None
+        self.admitted = False
+        # The close frame waits while replies to what came before it go out.
+        self.replying = False
+        self.last_seen = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._fragments: list[Any] | None = None
+        self._decoder: Any = None
+        self._lost: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.last_seen = self.loop.time()
+        self._timer = self.loop.call_later(self.settings.open_timeout, self._too_slow, "opening")
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self.loop.time()
+        protocol = self.protocol
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        if protocol.state is OPEN or protocol.state is CONNECTING:
+            # Pongs first, as websockets' own connections do.
+            self._send_data()
+            self._deliver(events)
+            return
+        # A close frame is queued (the client's, or a bad frame after good ones): the
+        # replies to the messages before it must precede it on the wire. Those whose
+        # handlers wait (for the connection's registration, say) hold it back until
+        # the worker calls `replied()`.
+        self.replying = True
+        self._deliver(events)
+        if self.session is None or not self.session.busy:
+            self.replied()
+        elif self._timer is None:
+            self._timer = self.loop.call_later(
+                self.settings.close_timeout, self._too_slow, "closing"
+            )
+
+    def replied(self) -> None:
+        """Every message received before the close has been answered: send the close."""
+        if self.replying:
+            self.replying = False
+            self._send_data()
+
+    def _deliver(self, events: list[Any]) -> None:
+        for event in events:
+            if type(event) is Frame:
+                self._frame(event)
+            else:
+                self._handshake(cast(Request, event))
+
+    def eof_received(self) -> bool | None:
+        self.protocol.receive_eof()
+        self.protocol.events_received()
+        self._send_data()
+        return None  # nothing is written after the client's EOF: close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.receive_eof()  # idempotent: the state becomes CLOSED
+        self.transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+        self.handlers.lost(self)
+
+    # What the worker calls
+
+    @property
+    def state(self) -> State:
+        return self.protocol.state
+
+    @property
+    def is_open(self) -> bool:
+        return self.protocol.state is OPEN
+
+    @property
+    def compressed(self) -> bool:
+        """Whether permessage-deflate was negotiated (frames cannot be shared then)."""
+        return bool(self.protocol.extensions)
+
+    @property
+    def remote_address(self) -> str:
+        """`host:port` of the client, or "" when unknown."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{peer[0]}:{peer[1]}" if peer else ""
+
+    def write(self, frames: bytes) -> None:
+        """Write whole pre-built (unmasked, uncompressed) frames, unconditionally."""
+        if self.transport is not None:
+            self.transport.write(frames)
+
+    def send(self, payload: bytes, *, text: bool) -> None:
+        """Send one message through the protocol (compressed if negotiated)."""
+        if text:
+            self.protocol.send_text(payload)
+        else:
+            self.protocol.send_binary(payload)
+        self._send_data()
+
+    def buffered(self) -> int:
+        """Bytes written and not yet sent to the client."""
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake; drop the connection if it is not done within
+        `close_timeout` (a client that stopped reading never completes it)."""
+        protocol = self.protocol
+        if protocol.state is OPEN:
+            protocol.send_close(code, reason)
+            self._send_data()
+        elif protocol.state is CONNECTING and self.transport is not None:
+            self.transport.abort()
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        """Return once the TCP connection is gone."""
+        if self.transport is None:
+            return
+        if self._lost is None:
+            self._lost = self.loop.create_future()
+        await asyncio.shield(self._lost)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    # Inside
+
+    def _send_data(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for data in self.protocol.data_to_send():
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                # The end of the stream after a close frame or a refused handshake.
+                try:
+                    transport.write_eof()
+                except (OSError, RuntimeError):  # uvloop raises RuntimeError if closing
+                    transport.abort()
+            else:
+                transport.close()
+        if self._timer is None and self.protocol.close_expected():
+            self._timer = self.loop.call_later(
+                self.settings.close_timeout, self._too_slow, "closing"
+            )
+
+    def _too_slow(self, what: str) -> None:
+        self._timer = None
+        if self.transport is not None:
+            logger.debug("dropping a connection: %s handshake timed out", what)
+            self.transport.abort()
+
+    def _handshake(self, request: Request) -> None:
+        self.request = request
+        protocol = self.protocol
+        handlers = self.handlers
+        response = handlers.route(self, request)
+        if response is None:
+            response = protocol.accept(request)
+        protocol.send_response(response)
+        if self._timer is not None:  # the opening handshake's timer
+            self._timer.cancel()
+            self._timer = None
+        self._send_data()
+        if protocol.state is OPEN:
+            handlers.opened(self)
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is _TEXT:
+            if frame.fin:
+                try:
+                    text = bytes(frame.data).decode()
+                except UnicodeDecodeError as exc:
+                    self._invalid(exc)
+                    return
+                self.handlers.received(self, text)
+            else:
+                self._decoder = _Utf8Decoder()
+                self._fragments = []
+                self._text_fragment(frame)
+        elif opcode is _BINARY:
+            if frame.fin:
+                self.handlers.received(self, bytes(frame.data))
+            else:
+                self._decoder = None
+                self._fragments = [frame.data]
+        elif opcode is _CONT:
+            self._continuation(frame)
+
+    def _continuation(self, frame: Frame) -> None:
+        fragments = self._fragments
+        if fragments is None:  # the protocol refuses a stray continuation frame
+            return
+        if self._decoder is not None:
+            if not self._text_fragment(frame) or not frame.fin:
+                return
+            message: str | bytes = "".join(fragments)
+        else:
+            fragments.append(frame.data)
+            if not frame.fin:
+                return
+            message = b"".join(fragments)
+        self._fragments = self._decoder = None
+        self.handlers.received(self, message)
+
+    def _text_fragment(self, frame: Frame) -> bool:
+        assert self._fragments is not None
+        try:
+            self._fragments.append(self._decoder.decode(frame.data, final=frame.fin))
+        except UnicodeDecodeError as exc:
+            self._invalid(exc)
+            return False
+        return True
+
+    def _invalid(self, exc: UnicodeDecodeError) -> None:
+        self._fragments = self._decoder = None
+        self.protocol.fail(WsCloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+        self._send_data()
+
+
+def factory(handlers: Handlers, settings: Settings) -> Callable[[], WebSocket]:
+    """The protocol factory for `loop.create_server()`."""
+
+    def make() -> WebSocket:
+        return WebSocket(handlers, settings)
+
+    return make
+
+
+__all__ = ["CLOSED", "Handlers", "Settings", "WebSocket", "factory"]
