@@ -95,7 +95,12 @@ class _Session(WSListener):
                 room = message["room"]
                 hub.rooms.setdefault(room, set()).add(transport)
                 self.rooms.append(room)
-                joined: schema.JoinedRoom = {"type": "joined_room", "room": room, "members": []}
+                joined: schema.JoinedRoom = {
+                    "type": "joined_room",
+                    "room": room,
+                    "members": [],
+                    "total_members": len(hub.rooms[room]),
+                }
                 transport.send(WSMsgType.TEXT, orjson.dumps(joined))
             case "room_message":
                 room = message["room"]

@@ -33,9 +33,10 @@ from typing import Any, Protocol, TypeVar
 
 from shoal.core.errors import BootError, ConfigError
 from shoal.core.keys import TopicKind
+from shoal.core.registry import Members
 from shoal.core.schema import CloseCode, PresenceEntry
 
-__all__ = ["App", "Connection", "Hub", "TopicKind", "check", "load", "resolve"]
+__all__ = ["App", "Connection", "Hub", "Members", "TopicKind", "check", "load", "resolve"]
 
 
 class Hub(Protocol):
@@ -59,8 +60,9 @@ class Hub(Protocol):
     async def send_to_user(self, user_id: str, message: Mapping[str, Any]) -> int:
         """Send `message` to every connection of `user_id`. Returns how many it has (0: none)."""
 
-    async def room_members(self, room: str) -> list[str]:
-        """The user ids in a room, across workers and nodes, each once."""
+    async def room_members(self, room: str, limit: int | None = None) -> Members:
+        """Up to `limit` of the distinct user ids in a room (all with None), across
+        workers and nodes, and their number (`.total`)."""
 
     async def presence(self, room: str | None = None) -> list[PresenceEntry]:
         """Who is connected, across workers and nodes: the whole server, or one room."""
@@ -110,11 +112,14 @@ class Connection(Protocol):
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection; `on_close` then runs as for any close."""
 
-    async def join(self, room: str) -> list[str]:
-        """Join a room. Returns the members' user ids (this one included, no duplicates)."""
+    async def join(self, room: str, *, limit: int | None = None) -> Members:
+        """Join a room. Returns up to `limit` of its members' distinct user ids (all with
+        None; this one's included) and their number (`.total`). A big room's member list
+        is a sample: ask for a `limit` wherever the room may be large."""
 
-    async def leave(self, room: str) -> list[str]:
-        """Leave a room. Returns the remaining members' user ids.
+    async def leave(self, room: str, *, limit: int | None = None) -> Members:
+        """Leave a room. Returns up to `limit` of the remaining members' distinct user
+        ids (all with None), and their number (`.total`).
 
         Raises:
             ProtocolError: "Not in room".
@@ -164,6 +169,7 @@ class App:
         self.binary_handler: BinaryHandler | None = None
         self.frame_handler: FrameHandler | None = None
         self.departed_handler: DepartedHandler | None = None
+        self.settings_check: Callable[[dict[str, Any]], None] | None = None
 
     def on_open(self, handler: OpenHandler) -> OpenHandler:
         """Run after a client connected and its state is in Redis."""
@@ -190,6 +196,17 @@ class App:
         """
         self.departed_handler = handler
         return handler
+
+    def check_settings(
+        self, check: Callable[[dict[str, Any]], None]
+    ) -> Callable[[dict[str, Any]], None]:
+        """Validate the application's settings when a worker loads it.
+
+        `check(settings)` raises `ConfigError` naming the key (`app.<key>: ...`); the
+        worker then cannot start, and the node stops with that message.
+        """
+        self.settings_check = check
+        return check
 
     def on(self, message_type: str) -> Callable[[_F], _F]:
         """Handle JSON text messages whose `type` is `message_type`."""
@@ -248,7 +265,8 @@ def load(spec: str, settings: dict[str, Any]) -> App:
     """Import the application named by `app.module` and give it its settings.
 
     Raises:
-        BootError: the import failed or the attribute is not an `App`.
+        BootError: the import failed, the attribute is not an `App`, or its settings
+            are invalid.
     """
     module_name, attribute = resolve(spec)
     try:
@@ -258,5 +276,10 @@ def load(spec: str, settings: dict[str, Any]) -> App:
     app = getattr(module, attribute, None)
     if not isinstance(app, App):
         raise BootError(f"app.module: {module_name}:{attribute} is not a shoal App")
+    if app.settings_check is not None:
+        try:
+            app.settings_check(settings)
+        except ConfigError as exc:
+            raise BootError(str(exc)) from exc
     app.settings = settings
     return app

@@ -8,6 +8,7 @@ one Redis never see each other. The layout (also in docs/architecture.md):
 | `P:conn:<cid>` | hash | `worker`, `node`, `user`, `addr`, `at` (ms), `meta` (JSON), and one field per room (`r:<name>`) and channel (`c:<name>`) the connection is in |
 | `P:room:<name>` | hash | member connection id -> user id |
 | `P:chan:<name>` | hash | subscriber connection id -> user id |
+| `P:roomusers:<name>` / `P:chanusers:<name>` | hash | user id -> that user's connections in the room (distinct members = HLEN) |
 | `P:user:<uid>` | hash | connection id -> worker id: the index from a user to their connections |
 | `P:users` | hash | user id -> number of open connections (total users = HLEN) |
 | `P:wconns:<wid>` | hash | connection id -> user id, for every connection a worker holds |
@@ -59,6 +60,9 @@ class Keys:
 
     def topic(self, kind: TopicKind, name: str) -> str:
         return f"{self.prefix}:{kind.value}:{name}"
+
+    def topic_users(self, kind: TopicKind, name: str) -> str:
+        return f"{self.prefix}:{kind.value}users:{name}"
 
     def user(self, uid: str) -> str:
         return f"{self.prefix}:user:{uid}"

@@ -48,6 +48,21 @@ def _pairs(flat: list[str]) -> dict[str, str]:
     return dict(zip(it, it, strict=True))
 
 
+def _listing(users_key: str, limit: int | None) -> Command:
+    """The command listing a topic's distinct users: all, or up to `limit` of them
+    (HRANDFIELD with a positive count returns distinct fields, all of a small hash)."""
+    return ("HKEYS", users_key) if limit is None else ("HRANDFIELD", users_key, limit)
+
+
+class Members(list[str]):
+    """Distinct user ids of a room or channel (perhaps a sample of them), and `total`,
+    how many distinct users it has."""
+
+    def __init__(self, users: Iterable[str], *, total: int) -> None:
+        super().__init__(users)
+        self.total = total
+
+
 @dataclass(slots=True)
 class Snapshot:
     """What a worker knows of one local connection, to write it back after Redis lost it."""
@@ -109,10 +124,15 @@ class Registry:
         for channel in snapshot.channels:
             fields += [CHANNEL_FIELD + channel, 1]
         commands: list[Command] = [("HSET", keys.conn(cid), *fields)]
-        for room in snapshot.rooms:
-            commands.append(("HSET", keys.topic(TopicKind.ROOM, room), cid, snapshot.user))
-        for channel in snapshot.channels:
-            commands.append(("HSET", keys.topic(TopicKind.CHANNEL, channel), cid, snapshot.user))
+        for kind, names in (
+            (TopicKind.ROOM, snapshot.rooms),
+            (TopicKind.CHANNEL, snapshot.channels),
+        ):
+            for name in names:
+                commands.append(("HSET", keys.topic(kind, name), cid, snapshot.user))
+                commands.append(
+                    ("EVAL", _INCR_USER, 1, keys.topic_users(kind, name), snapshot.user)
+                )
         commands += [
             ("HSET", keys.user(snapshot.user), cid, self.worker_id),
             ("HSET", keys.worker_conns(self.worker_id), cid, snapshot.user),
@@ -124,46 +144,73 @@ class Registry:
         """Remove a connection and every trace of it. False if it was already gone."""
         return await remove_connection(self.redis, self.keys, cid) is not None
 
-    async def unjoin(self, kind: TopicKind, name: str, cid: str) -> None:
-        """Undo what a failed `join` or `leave` may have written half-way: `cid` is not
-        a member of `name`, whatever Redis held."""
-        await self.redis.pipeline(
-            [
-                ("HDEL", self.keys.topic(kind, name), cid),
-                ("HDEL", self.keys.conn(cid), kind.field_prefix + name),
-            ]
-        )
+    async def join(
+        self, kind: TopicKind, name: str, cid: str, user: str, limit: int | None = None
+    ) -> Members:
+        """Add a connection that is not in a room or channel yet, in one round trip.
 
-    async def join(self, kind: TopicKind, name: str, cid: str, user: str) -> list[str]:
-        """Add a connection to a room or channel. Returns the members' user ids."""
-        key = self.keys.topic(kind, name)
+        Returns up to `limit` of the members' distinct user ids (all with None), and
+        their number. A room's members are a sample of it once it has more than
+        `limit`: listing every member on every join would make a join storm cost the
+        square of the room's size.
+        """
+        users = self.keys.topic_users(kind, name)
         results = await self.redis.pipeline(
             [
-                ("HSET", key, cid, user),
                 ("HSET", self.keys.conn(cid), kind.field_prefix + name, 1),
-                ("HVALS", key),
+                ("HSET", self.keys.topic(kind, name), cid, user),
+                ("EVAL", _INCR_USER, 1, users, user),
+                _listing(users, limit),
             ]
         )
-        return list(results[-1])
+        return Members(results[-1] or (), total=int(results[2]))
 
-    async def leave(self, kind: TopicKind, name: str, cid: str) -> list[str]:
-        """Remove a connection from a room or channel. Returns the remaining user ids.
+    async def leave(
+        self, kind: TopicKind, name: str, cid: str, user: str, limit: int | None = None
+    ) -> Members:
+        """Remove a connection that is in a room or channel. Returns up to `limit` of the
+        remaining members' distinct user ids (all with None), and their number.
 
         Redis deletes a hash when its last field goes, so an empty room disappears.
         """
-        key = self.keys.topic(kind, name)
+        users = self.keys.topic_users(kind, name)
         results = await self.redis.pipeline(
             [
-                ("HDEL", key, cid),
+                ("HDEL", self.keys.topic(kind, name), cid),
                 ("HDEL", self.keys.conn(cid), kind.field_prefix + name),
-                ("HVALS", key),
+                ("EVAL", _DECR_USER, 1, users, user),
+                _listing(users, limit),
+                ("HLEN", users),
             ]
         )
-        return list(results[-1])
+        return Members(results[-2] or (), total=int(results[-1]))
 
-    async def members(self, kind: TopicKind, name: str) -> list[str]:
-        """The user ids of a room's or channel's members, each once."""
-        return list(dict.fromkeys(await self.redis.execute("HVALS", self.keys.topic(kind, name))))
+    async def reconcile(
+        self, kind: TopicKind, name: str, cid: str, user: str, member: bool
+    ) -> None:
+        """Make Redis agree that `cid` is (or is not) a member of `name`, whatever a failed
+        join or leave left half-written. The user count moves only if membership did."""
+        topic = self.keys.topic(kind, name)
+        field = kind.field_prefix + name
+        if member:
+            changed, _ = await self.redis.pipeline(
+                [("HSET", topic, cid, user), ("HSET", self.keys.conn(cid), field, 1)]
+            )
+            script = _INCR_USER
+        else:
+            changed, _ = await self.redis.pipeline(
+                [("HDEL", topic, cid), ("HDEL", self.keys.conn(cid), field)]
+            )
+            script = _DECR_USER
+        if changed:
+            await self.redis.execute("EVAL", script, 1, self.keys.topic_users(kind, name), user)
+
+    async def members(self, kind: TopicKind, name: str, limit: int | None = None) -> Members:
+        """Up to `limit` (all with None) of the distinct user ids in a room or channel,
+        and their number."""
+        users = self.keys.topic_users(kind, name)
+        sample, total = await self.redis.pipeline([_listing(users, limit), ("HLEN", users)])
+        return Members(sample or (), total=int(total))
 
     async def set_metadata(self, cid: str, metadata: dict[str, Any]) -> None:
         await self.redis.execute("HSET", self.keys.conn(cid), "meta", orjson.dumps(metadata))
@@ -283,12 +330,14 @@ async def remove_connection(client: Client, keys: Keys, cid: str) -> Departure |
     rooms = []
     for name in record:
         if name.startswith(ROOM_FIELD):
-            rooms.append(name[len(ROOM_FIELD) :])
-            commands.append(("HDEL", keys.topic(TopicKind.ROOM, rooms[-1]), cid))
+            kind, topic = TopicKind.ROOM, name[len(ROOM_FIELD) :]
+            rooms.append(topic)
         elif name.startswith(CHANNEL_FIELD):
-            commands.append(
-                ("HDEL", keys.topic(TopicKind.CHANNEL, name[len(CHANNEL_FIELD) :]), cid)
-            )
+            kind, topic = TopicKind.CHANNEL, name[len(CHANNEL_FIELD) :]
+        else:
+            continue
+        commands.append(("HDEL", keys.topic(kind, topic), cid))
+        commands.append(("EVAL", _DECR_USER, 1, keys.topic_users(kind, topic), user))
     commands += [
         ("HDEL", keys.user(user), cid),
         ("HDEL", keys.worker_conns(record.get("worker", "")), cid),

@@ -206,6 +206,7 @@ class JoinedRoom(TypedDict):
     type: Literal["joined_room"]
     room: str
     members: list[str]
+    total_members: int
 
 
 class LeftRoom(TypedDict):

@@ -11,7 +11,7 @@ from websockets.protocol import OPEN
 
 from shoal.core import protocol
 from shoal.core.keys import TopicKind
-from shoal.core.registry import Snapshot
+from shoal.core.registry import Members, Snapshot
 from shoal.core.schema import CloseCode
 
 if TYPE_CHECKING:
@@ -149,19 +149,21 @@ class Connection:
 
     # Rooms, channels, metadata
 
-    async def join(self, room: str) -> list[str]:
-        """Join a room. Returns the members' user ids (this one included, no duplicates)."""
-        return await self.hub.join(self, TopicKind.ROOM, room)
+    async def join(self, room: str, *, limit: int | None = None) -> Members:
+        """Join a room. Returns up to `limit` of its members' distinct user ids (all with
+        None; this one's included), and their number (`.total`)."""
+        return await self.hub.join(self, TopicKind.ROOM, room, limit)
 
-    async def leave(self, room: str) -> list[str]:
-        """Leave a room. Returns the remaining members' user ids."""
-        return await self.hub.leave(self, TopicKind.ROOM, room)
+    async def leave(self, room: str, *, limit: int | None = None) -> Members:
+        """Leave a room. Returns up to `limit` of the remaining members' distinct user
+        ids (all with None), and their number (`.total`)."""
+        return await self.hub.leave(self, TopicKind.ROOM, room, limit)
 
     async def subscribe(self, channel: str) -> None:
-        await self.hub.join(self, TopicKind.CHANNEL, channel)
+        await self.hub.join(self, TopicKind.CHANNEL, channel, limit=0)
 
     async def unsubscribe(self, channel: str) -> None:
-        await self.hub.leave(self, TopicKind.CHANNEL, channel)
+        await self.hub.leave(self, TopicKind.CHANNEL, channel, limit=0)
 
     async def set_metadata(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
         """Merge `metadata` into this connection's metadata. Returns the result."""

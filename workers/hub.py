@@ -18,7 +18,7 @@ from shoal.core import app, envelope, protocol
 from shoal.core.bus import Bus
 from shoal.core.errors import EnvelopeError, ProtocolError
 from shoal.core.keys import Keys, TopicKind
-from shoal.core.registry import Registry
+from shoal.core.registry import Members, Registry
 from shoal.core.schema import PresenceEntry
 from shoal.workers.connection import Connection
 
@@ -64,7 +64,7 @@ class Hub:
         self.on_departed: OnDeparted | None = None
         # Memberships a failed join or leave may have left half-written in Redis; the
         # worker's heartbeat rewrites them from the local truth (`repair()`).
-        self.unsure: set[tuple[TopicKind, str, str]] = set()
+        self.unsure: set[tuple[TopicKind, str, str, str]] = set()
         self._skipped = 0
         self._skipped_logged = -_LOG_EVERY
 
@@ -112,8 +112,11 @@ class Hub:
 
     # Rooms and channels
 
-    async def join(self, conn: Connection, kind: TopicKind, name: str) -> list[str]:
-        """Add `conn` to a room or channel. Returns the members' distinct user ids.
+    async def join(
+        self, conn: Connection, kind: TopicKind, name: str, limit: int | None = None
+    ) -> Members:
+        """Add `conn` to a room or channel. Returns up to `limit` of the members' distinct
+        user ids (all with None), and their number (`.total`).
 
         The bus subscription is confirmed before the membership is written and before
         this returns, so the caller's reply is the point after which no message for
@@ -124,22 +127,25 @@ class Hub:
                 holds half-written is repaired later).
         """
         names = conn.rooms if kind is TopicKind.ROOM else conn.channels
-        channel = self.keys.bus_topic(kind, name)
         if name in names:
-            return list(dict.fromkeys(await self.registry.join(kind, name, conn.id, conn.user_id)))
+            return await self.registry.members(kind, name, limit)
+        channel = self.keys.bus_topic(kind, name)
         await self.bus.subscribe(channel)
         try:
-            members = await self.registry.join(kind, name, conn.id, conn.user_id)
+            members = await self.registry.join(kind, name, conn.id, conn.user_id, limit)
         except BaseException:
             self.bus.unsubscribe(channel)
-            self.unsure.add((kind, name, conn.id))
+            self.unsure.add((kind, name, conn.id, conn.user_id))
             raise
         names.add(name)
         self.topics.setdefault(channel, set()).add(conn)
-        return list(dict.fromkeys(members))
+        return members
 
-    async def leave(self, conn: Connection, kind: TopicKind, name: str) -> list[str]:
-        """Remove `conn` from a room or channel. Returns the remaining distinct user ids.
+    async def leave(
+        self, conn: Connection, kind: TopicKind, name: str, limit: int | None = None
+    ) -> Members:
+        """Remove `conn` from a room or channel. Returns up to `limit` of the remaining
+        members' distinct user ids (all with None), and their number (`.total`).
 
         Raises:
             ProtocolError: "Not in room" / "Not subscribed".
@@ -152,28 +158,25 @@ class Hub:
         names.discard(name)
         self._detach(conn, self.keys.bus_topic(kind, name))
         try:
-            remaining = await self.registry.leave(kind, name, conn.id)
+            return await self.registry.leave(kind, name, conn.id, conn.user_id, limit)
         except BaseException:
-            self.unsure.add((kind, name, conn.id))
+            self.unsure.add((kind, name, conn.id, conn.user_id))
             raise
-        return list(dict.fromkeys(remaining))
 
     async def repair(self) -> None:
-        """Rewrite the memberships a failed join or leave left unsure, from local truth.
+        """Make Redis agree with local truth on the memberships a failed join or leave
+        left unsure.
 
         Raises:
             ServiceUnavailable: Redis failed again; what is left stays for next time.
         """
         for item in list(self.unsure):
-            kind, name, cid = item
+            kind, name, cid, user = item
             conn = self.local.get(cid)
             names = () if conn is None else conn.rooms if kind is TopicKind.ROOM else conn.channels
-            if conn is not None and name in names:
-                await self.registry.join(kind, name, cid, conn.user_id)
-            else:
-                # Gone or left: the room's hash may hold it although the connection's
-                # own hash (which removal reads) does not list the room.
-                await self.registry.unjoin(kind, name, cid)
+            # Gone or left: the room's hash may hold it although the connection's own hash
+            # (which removal reads) does not list the room.
+            await self.registry.reconcile(kind, name, cid, user, member=name in names)
             self.unsure.discard(item)
 
     # Cluster-wide delivery
@@ -251,9 +254,10 @@ class Hub:
 
     # Queries
 
-    async def room_members(self, room: str) -> list[str]:
-        """The user ids in a room, across workers and nodes, each once."""
-        return await self.registry.members(TopicKind.ROOM, room)
+    async def room_members(self, room: str, limit: int | None = None) -> Members:
+        """Up to `limit` of the distinct user ids in a room (all with None), across
+        workers and nodes, and their number (`.total`)."""
+        return await self.registry.members(TopicKind.ROOM, room, limit)
 
     async def presence(self, room: str | None = None) -> list[PresenceEntry]:
         """Who is connected, across workers and nodes: the whole server, or one room."""

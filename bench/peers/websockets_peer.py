@@ -94,7 +94,12 @@ class Hub:
             members.add(ws)
             joined.append(room)
             names = sorted({u for u, conns in self.users.items() if conns & members})
-            reply: schema.JoinedRoom = {"type": "joined_room", "room": room, "members": names}
+            reply: schema.JoinedRoom = {
+                "type": "joined_room",
+                "room": room,
+                "members": names,
+                "total_members": len(names),
+            }
             await ws.send(orjson.dumps(reply), text=True)
             note: schema.UserJoinedRoom = {
                 "type": "user_joined_room",

@@ -40,7 +40,8 @@ async def test_connections_users_and_rooms(registries: tuple[Registry, Registry]
         {"user_id": "ann", "rooms": ["r"], "metadata": {"k": 1}},
         {"user_id": "bo", "rooms": ["r"], "metadata": {"k": 1}},
     ]
-    assert await two.leave(TopicKind.ROOM, "r", "c3") == ["ann"]
+    remaining = await two.leave(TopicKind.ROOM, "r", "c3", "bo")
+    assert remaining == ["ann"] and remaining.total == 1
 
     assert await one.remove_connection("c1") is True
     assert await one.remove_connection("c1") is False  # the claim: removed once only
@@ -95,3 +96,44 @@ async def test_resync_writes_back_what_redis_lost(
     await one.resync(state)
     assert redis.hgetall(f"{prefix}:users") == {"ann": "2"}
     assert redis.hgetall(f"{prefix}:{TopicKind.ROOM.value}:r") == {"c1": "ann"}
+    assert redis.hgetall(f"{prefix}:roomusers:r") == {"ann": "1"}
+
+
+async def test_big_rooms_list_a_sample_and_count_distinct_users(
+    registries: tuple[Registry, Registry], redis_server: RedisServer, prefix: str
+) -> None:
+    """A join returns at most `limit` distinct users and the room's size, in one round
+    trip, however big the room; two connections of one user count once."""
+    one, two = registries
+    for n in range(30):
+        await one.add_connection(snapshot(f"c{n}", f"u{n % 25}"))  # 25 users, 30 connections
+    members = None
+    for n in range(30):
+        members = await one.join(TopicKind.ROOM, "big", f"c{n}", f"u{n % 25}", limit=10)
+    assert members is not None and members.total == 25 and len(set(members)) == 10
+    everyone = await two.members(TopicKind.ROOM, "big")
+    assert sorted(everyone) == sorted(f"u{n}" for n in range(25)) and everyone.total == 25
+    assert (await two.members(TopicKind.ROOM, "big", limit=0)) == []
+    # u0 has two connections in the room: leaving with one keeps the user counted.
+    assert (await one.leave(TopicKind.ROOM, "big", "c0", "u0", limit=0)).total == 25
+    assert (await one.leave(TopicKind.ROOM, "big", "c25", "u0", limit=0)).total == 24
+    # A removed connection (u5's only one) takes its user out of the count.
+    assert await one.remove_connection("c5") is True
+    assert (await two.members(TopicKind.ROOM, "big", limit=0)).total == 23
+
+
+async def test_reconciling_a_membership_twice_counts_it_once(
+    registries: tuple[Registry, Registry], redis_server: RedisServer, prefix: str
+) -> None:
+    """What a failed join or leave left half-written is set right without counting twice."""
+    one, _ = registries
+    await one.add_connection(snapshot("c1", "ann"))
+    for _ in range(2):
+        await one.reconcile(TopicKind.ROOM, "r", "c1", "ann", member=True)
+    redis = redis_server.client()
+    assert redis.hgetall(f"{prefix}:roomusers:r") == {"ann": "1"}
+    assert redis.hget(f"{prefix}:conn:c1", "r:r") == "1"
+    for _ in range(2):
+        await one.reconcile(TopicKind.ROOM, "r", "c1", "ann", member=False)
+    assert not redis.exists(f"{prefix}:roomusers:r", f"{prefix}:room:r")
+    assert redis.hget(f"{prefix}:conn:c1", "r:r") is None

@@ -107,3 +107,12 @@ async def test_json_logs(tmp_path: Path, settings: dict[str, Any]) -> None:
     assert {line["role"] for line in lines} >= {"master", "worker 0", "worker 1"}
     assert all({"time", "level", "pid", "logger", "message"} <= set(line) for line in lines)
     assert any("stopped" in line["message"] for line in lines)
+
+
+def test_invalid_chat_settings_stop_the_node_naming_the_key(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    settings["app"] = {"joined_members_limit": "ten"}
+    node = Shoal(tmp_path, settings).start(wait=False)
+    assert node.wait(15) == 1
+    assert "app.joined_members_limit: must be an integer ≥ 0, not 'ten'" in node.log()

@@ -30,7 +30,12 @@ async def test_room_across_workers(shoal: Shoal) -> None:
     """Join, message, leave: members on either worker see it all, others nothing."""
     async with clients_on_workers(shoal, ["ann", "bo", "cy"]) as (ann, bo, cy):
         joined = await ann.request({"type": "join_room", "room": "lobby"}, "joined_room")
-        assert joined == {"type": "joined_room", "room": "lobby", "members": ["ann"]}
+        assert joined == {
+            "type": "joined_room",
+            "room": "lobby",
+            "members": ["ann"],
+            "total_members": 1,
+        }
         joined = await bo.request({"type": "join_room", "room": "lobby"}, "joined_room")
         assert sorted(joined["members"]) == ["ann", "bo"]
         assert await ann.expect("user_joined_room") == {

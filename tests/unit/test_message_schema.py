@@ -23,7 +23,12 @@ SERVER_EXAMPLES: dict[str, dict[str, Any]] = {
     "broadcast": {"type": "broadcast", "from": "ann", "message": {"a": 1}, "timestamp": 1},
     "private_message": {"type": "private_message", "from": "ann", "message": "x", "timestamp": 2},
     "message_sent": {"type": "message_sent", "to": "bo", "timestamp": 3},
-    "joined_room": {"type": "joined_room", "room": "r", "members": ["ann", "bo"]},
+    "joined_room": {
+        "type": "joined_room",
+        "room": "r",
+        "members": ["ann", "bo"],
+        "total_members": 2,
+    },
     "left_room": {"type": "left_room", "room": "r"},
     "user_joined_room": {
         "type": "user_joined_room",

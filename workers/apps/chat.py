@@ -1,8 +1,15 @@
 """The built-in chat application: the protocol in docs/protocol.md, written on the App API.
 
-Settings (the `app` config section): `announce_connections` (default false) tells every
-connection of every other user when someone connects or disconnects. It is off by
-default because a storm of n connections then costs n² deliveries.
+Settings (the `app` config section):
+
+- `announce_connections` (default false) tells every connection of every other user when
+  someone connects or disconnects. It is off by default because a storm of n
+  connections then costs n² deliveries.
+- `joined_members_limit` (default 100): `joined_room` lists at most this many members
+  (a sample of a bigger room); `total_members` always gives the room's size.
+- `room_notices_limit` (default 100): in a room with more members than this,
+  `user_joined_room` and `user_left_room` are not sent. With both, n clients joining
+  one room cost O(n) deliveries instead of O(n²), as Pusher bounds presence channels.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from typing import Any
 
 from shoal.core import protocol, schema
 from shoal.core.app import App, Connection, Hub, TopicKind
-from shoal.core.errors import ProtocolError
+from shoal.core.errors import ConfigError, ProtocolError
 
 app = App()
 
@@ -21,8 +28,25 @@ def _now() -> int:
     return protocol.timestamp(time.time())
 
 
+_DEFAULTS = {"joined_members_limit": 100, "room_notices_limit": 100}
+
+
+@app.check_settings
+def _check(settings: dict[str, Any]) -> None:
+    for key, default in _DEFAULTS.items():
+        value = settings.get(key, default)
+        if type(value) is not int or value < 0:
+            raise ConfigError(f"app.{key}: must be an integer ≥ 0, not {value!r}")
+    if not isinstance(settings.get("announce_connections", False), bool):
+        raise ConfigError("app.announce_connections: must be true or false")
+
+
 def _announce() -> bool:
     return bool(app.settings.get("announce_connections", False))
+
+
+def _limit(key: str) -> int:
+    return int(app.settings.get(key, _DEFAULTS[key]))
 
 
 @app.on_open
@@ -64,8 +88,9 @@ async def departed(hub: Hub, user_id: str, rooms: list[str]) -> None:
     Publishing to a room nobody is in costs one PUBLISH that reaches no one.
     """
     for room in rooms:
-        remaining = await hub.room_members(room)
-        await hub.publish(room, _left(user_id, room, len(remaining)))
+        remaining = await hub.room_members(room, limit=0)
+        if remaining.total < _limit("room_notices_limit"):
+            await hub.publish(room, _left(user_id, room, remaining.total))
     if _announce():
         await hub.broadcast(_disconnected(user_id, await hub.total_users()))
 
@@ -110,15 +135,22 @@ async def private(conn: Connection, message: dict[str, Any]) -> None:
 async def join_room(conn: Connection, message: dict[str, Any]) -> None:
     room = protocol.name_field(message, "room")
     already = room in conn.rooms
-    members = await conn.join(room)
-    joined: schema.JoinedRoom = {"type": "joined_room", "room": room, "members": members}
+    limit = _limit("joined_members_limit")
+    members = await conn.join(room, limit=limit)
+    others = [user for user in members if user != conn.user_id]
+    joined: schema.JoinedRoom = {
+        "type": "joined_room",
+        "room": room,
+        "members": [conn.user_id, *others][:limit],  # the joiner first: a client looks
+        "total_members": members.total,
+    }
     await conn.send(joined)
-    if not already:
+    if not already and members.total <= _limit("room_notices_limit"):
         arrived: schema.UserJoinedRoom = {
             "type": "user_joined_room",
             "user_id": conn.user_id,
             "room": room,
-            "total_members": len(members),
+            "total_members": members.total,
         }
         await conn.hub.publish(room, arrived, exclude=conn)
 
@@ -132,9 +164,9 @@ async def leave_room(conn: Connection, message: dict[str, Any]) -> None:
 
 
 async def _leave(conn: Connection, room: str) -> None:
-    remaining = await conn.leave(room)
-    if remaining:
-        await conn.hub.publish(room, _left(conn.user_id, room, len(remaining)))
+    remaining = await conn.leave(room, limit=0)
+    if 0 < remaining.total < _limit("room_notices_limit"):
+        await conn.hub.publish(room, _left(conn.user_id, room, remaining.total))
 
 
 @app.on("room_message")

@@ -46,7 +46,8 @@ function handle(ws, user, joined, data) {
       const names = [...users.entries()]
         .filter(([, conns]) => [...conns].some((c) => members.has(c)))
         .map(([name]) => name);
-      send(ws, JSON.stringify({ type: 'joined_room', room, members: names }));
+      send(ws, JSON.stringify({ type: 'joined_room', room, members: names,
+        total_members: names.length }));
       const note = JSON.stringify({ type: 'user_joined_room', user_id: user, room,
         total_members: members.size });
       for (const other of others) send(other, note);
