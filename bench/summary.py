@@ -178,6 +178,9 @@ def _server(outcome: RunOutcome) -> dict[str, Any] | None:
     connected = outcome.connect.connected
     if outcome.server_idle is not None and connected:
         out["memory_per_connection_kib"] = _per_connection(outcome.server_idle, after, connected)
+        if out["cpu_seconds"] > 0:
+            # From idle to every connection open: handshakes, registration, welcomes.
+            out["connections_per_cpu_second"] = connected / out["cpu_seconds"]
     return out
 
 

@@ -9,7 +9,12 @@ message they send must pass `schema.check_server_message`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -141,3 +146,52 @@ async def test_websockets_peer_sends_schema_messages(start_peer: Callable[..., P
         await _recv_until(c, "error", seen)
         await _send(c, {"type": "private", "to": "nobody", "message": 1})
         await _recv_until(c, "error", seen)
+
+
+async def test_channels_peer_sends_schema_messages(tmp_path: Path) -> None:
+    """The Django Channels peer: its own Redis as a child, the schema's messages."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.bench.peers.channels_peer", "--port", str(port)],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(30 * SCALE):
+            while True:
+                with contextlib.suppress(OSError):
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                await asyncio.sleep(0.1)
+        url = f"ws://127.0.0.1:{port}/ws"
+        async with connect(f"{url}?user_id=a") as a, connect(f"{url}?user_id=b") as b:
+            seen_a: list[str] = []
+            seen_b: list[str] = []
+            await _recv_until(a, "welcome", seen_a)
+            await _recv_until(b, "welcome", seen_b)
+            for ws, seen in ((a, seen_a), (b, seen_b)):
+                await _send(ws, {"type": "join_room", "room": "r"})
+                await _recv_until(ws, "joined_room", seen)
+            await _send(a, {"type": "room_message", "room": "r", "message": {"n": 1}})
+            await _send(a, {"type": "broadcast", "message": {"n": 2}})
+            await _send(a, {"type": "private", "to": "b", "message": {"n": 3}})
+            await _send(a, {"type": "bench", "n": 4})
+            # Groups are separate Redis channels: their messages may arrive in any order.
+            for ws, seen, wanted in ((a, seen_a, _FOR_A), (b, seen_b, _FOR_B)):
+                while not set(seen) >= wanted:
+                    async with asyncio.timeout(5 * SCALE):
+                        message = orjson.loads(await ws.recv())
+                    schema.check_server_message(message)
+                    seen.append(message["type"])
+        redis_children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid), "redis-server"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(redis_children) == 1  # Redis is counted as the server's own
+    finally:
+        proc.terminate()
+        proc.wait(15 * SCALE)
+    assert proc.returncode in (0, -15)  # uvicorn re-raises the SIGTERM it handled
+    async with asyncio.timeout(5 * SCALE):  # its Redis goes with it
+        while Path(f"/proc/{redis_children[0]}").exists():
+            await asyncio.sleep(0.05)
