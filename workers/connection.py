@@ -115,7 +115,12 @@ class Connection:
         Nothing is written once the closing handshake has begun, except replies to what
         arrived before the close in the same read: they still precede the close frame.
         """
-        if self.protocol.state is not OPEN and not self.ws.replying:
+        ws = self.ws
+        if self.protocol.state is not OPEN and not ws.replying:
+            return
+        pending = ws.pending
+        if pending is not None:  # this client's read is being handled: written after it
+            pending.append(wire)
             return
         transport = self.transport
         assert transport is not None  # OPEN: the transport is there

@@ -135,6 +135,11 @@ class Sessions:
         else:
             self._start(conn, self._forget(conn))
 
+    def overflowed(self, ws: WebSocket) -> None:
+        conn: Connection | None = ws.session
+        if conn is not None:
+            conn.cut_off()
+
     # Running handlers in order
 
     def _start(self, conn: Connection, coro: Coroutine[Any, Any, None]) -> None:

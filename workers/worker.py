@@ -199,6 +199,7 @@ class Worker:
         server = self.config.server
         settings = transport.Settings.make(
             max_size=server.max_message_size,
+            max_buffer=server.buffer_output_size,
             open_timeout=server.handshake_timeout,
             close_timeout=server.close_timeout,
             compression=server.websocket_compression,
