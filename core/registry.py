@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 # One key each, so both stay atomic on Redis Cluster. EVAL rather than EVALSHA: Redis
 # caches the compiled script, and no NOSCRIPT can follow a Redis restart.
-_INCR_USER = "redis.call('HINCRBY', KEYS[1], ARGV[1], 1) return redis.call('HLEN', KEYS[1])"
 _DECR_USER = (
     "local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1) "
     "if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end return n"
@@ -104,11 +103,26 @@ class Registry:
 
     async def add_connection(self, snapshot: Snapshot) -> int:
         """Record a new connection. Returns the number of distinct users now connected."""
-        results = await self.redis.pipeline(self._write_connection(snapshot))
+        results = await self.redis.pipeline(
+            [*self._write_connection(snapshot), ("HLEN", self.keys.users)]
+        )
         return int(results[-1])
 
+    def submit_connection(self, snapshot: Snapshot) -> asyncio.Future[list[Any]]:
+        """`add_connection()` for a caller that cannot wait: a future of the replies.
+
+        Raises:
+            ServiceUnavailable: Redis cannot take the commands now.
+        """
+        return self.redis.submit(self._write_connection(snapshot))
+
     def _write_connection(self, snapshot: Snapshot) -> list[Command]:
-        """The commands that record `snapshot`; the user count comes last."""
+        """The commands that record `snapshot`.
+
+        Plain commands, no script: a user's connection count goes up with HINCRBY
+        alone (going down needs a script, to delete the field at zero atomically).
+        EVAL costs Redis a script lookup and a Lua call per connection.
+        """
         keys = self.keys
         cid = snapshot.cid
         fields: list[Any] = [
@@ -130,13 +144,11 @@ class Registry:
         ):
             for name in names:
                 commands.append(("HSET", keys.topic(kind, name), cid, snapshot.user))
-                commands.append(
-                    ("EVAL", _INCR_USER, 1, keys.topic_users(kind, name), snapshot.user)
-                )
+                commands.append(("HINCRBY", keys.topic_users(kind, name), snapshot.user, 1))
         commands += [
             ("HSET", keys.user(snapshot.user), cid, self.worker_id),
             ("HSET", keys.worker_conns(self.worker_id), cid, snapshot.user),
-            ("EVAL", _INCR_USER, 1, keys.users, snapshot.user),
+            ("HINCRBY", keys.users, snapshot.user, 1),
         ]
         return commands
 
@@ -159,11 +171,12 @@ class Registry:
             [
                 ("HSET", self.keys.conn(cid), kind.field_prefix + name, 1),
                 ("HSET", self.keys.topic(kind, name), cid, user),
-                ("EVAL", _INCR_USER, 1, users, user),
+                ("HINCRBY", users, user, 1),
                 _listing(users, limit),
+                ("HLEN", users),
             ]
         )
-        return Members(results[-1] or (), total=int(results[2]))
+        return Members(results[-2] or (), total=int(results[-1]))
 
     async def leave(
         self, kind: TopicKind, name: str, cid: str, user: str, limit: int | None = None
@@ -196,14 +209,15 @@ class Registry:
             changed, _ = await self.redis.pipeline(
                 [("HSET", topic, cid, user), ("HSET", self.keys.conn(cid), field, 1)]
             )
-            script = _INCR_USER
+            if changed:
+                await self.redis.execute("HINCRBY", self.keys.topic_users(kind, name), user, 1)
         else:
             changed, _ = await self.redis.pipeline(
                 [("HDEL", topic, cid), ("HDEL", self.keys.conn(cid), field)]
             )
-            script = _DECR_USER
-        if changed:
-            await self.redis.execute("EVAL", script, 1, self.keys.topic_users(kind, name), user)
+            if changed:
+                users = self.keys.topic_users(kind, name)
+                await self.redis.execute("EVAL", _DECR_USER, 1, users, user)
 
     async def members(self, kind: TopicKind, name: str, limit: int | None = None) -> Members:
         """Up to `limit` (all with None) of the distinct user ids in a room or channel,

@@ -70,15 +70,17 @@ class Hub:
 
     # Lifecycle of local connections
 
-    async def add(self, conn: Connection) -> int:
-        """Record a new local connection. Returns the number of distinct users connected.
+    def register(self, conn: Connection) -> asyncio.Future[list[Any]]:
+        """Start recording a new connection in Redis; `adopt()` it once that succeeded.
 
         Raises:
-            ServiceUnavailable: Redis is down; nothing was recorded.
+            ServiceUnavailable: Redis cannot take the commands now; nothing was sent.
         """
-        total = await self.registry.add_connection(conn.snapshot())
+        return self.registry.submit_connection(conn.snapshot())
+
+    def adopt(self, conn: Connection) -> None:
+        """A registered connection: it receives what is published to it from now on."""
         self.local[conn.id] = conn
-        return total
 
     async def remove(self, conn: Connection) -> None:
         """Forget a local connection: leave what it is still in, remove its state."""

@@ -88,6 +88,8 @@ class Sessions:
         self.open: set[WebSocket] = set()
         # Handlers that had to wait: asyncio keeps only weak references to tasks.
         self.running: set[asyncio.Task[None]] = set()
+        # Registrations on their way to Redis (`opened()`).
+        self.registering: set[asyncio.Future[list[Any]]] = set()
         self.sequence = 0
 
     # The transport's callbacks
@@ -108,7 +110,17 @@ class Sessions:
             f"{self.worker_id}.{self.sequence}", user, ws, self.hub, int(time.time() * 1000)
         )
         ws.session = conn
-        self._start(conn, self._open(conn))
+        # The 101 leaves once the connection's state is in Redis, in one send() with
+        # whatever `on_open` sends before it first waits (the welcome).
+        ws.cork()
+        conn.busy = True  # messages sent before the 101 (they should not be) wait
+        try:
+            registration = self.hub.register(conn)
+        except ServiceUnavailable:
+            self._unregistered(conn)
+            return
+        self.registering.add(registration)
+        registration.add_done_callback(functools.partial(self._registered, conn))
 
     def received(self, ws: WebSocket, data: str | bytes) -> None:
         conn: Connection | None = ws.session
@@ -182,18 +194,33 @@ class Sessions:
 
     # One connection's life
 
-    async def _open(self, conn: Connection) -> None:
-        """Register the connection, then run the application's `on_open`."""
-        try:
-            await self.hub.add(conn)
-        except ServiceUnavailable:
-            # Part of its state may have been written: remove it once Redis answers.
-            self.keeper.removal_failed(conn.id, conn.user_id, (), told=True)
-            conn.ws.session = None  # nothing more to do for it when it goes
-            conn.inbox.clear()
-            conn.close_soon(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
+    def _registered(self, conn: Connection, registration: asyncio.Future[list[Any]]) -> None:
+        """The connection's registration came back: run `on_open`, then send the 101."""
+        self.registering.discard(registration)
+        conn.busy = False
+        error = registration.exception()
+        if error is not None:
+            if not isinstance(error, ServiceUnavailable):
+                logger.error("registering %s failed", conn.id, exc_info=error)
+            self._unregistered(conn)
             return
-        handler = self.app.open_handler
+        self.hub.adopt(conn)
+        try:
+            self._start(conn, self._on_open(self.app.open_handler, conn))
+        finally:
+            conn.ws.uncork()
+
+    def _unregistered(self, conn: Connection) -> None:
+        """Redis failed while registering: close with 1013, remove what was written."""
+        # Part of its state may have been written: remove it once Redis answers.
+        self.keeper.removal_failed(conn.id, conn.user_id, (), told=True)
+        conn.ws.session = None  # nothing more to do for it when it goes
+        conn.inbox.clear()
+        conn.close_soon(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
+        conn.ws.uncork()
+
+    @staticmethod
+    async def _on_open(handler: app_api.OpenHandler | None, conn: Connection) -> None:
         if handler is None:
             return
         try:
@@ -255,9 +282,12 @@ class Sessions:
             self.keeper.left_untold(conn.user_id, list(rooms))
 
     async def drain(self) -> None:
-        """Wait for every handler that is waiting, `on_close` included, to finish."""
-        while self.running or self.hub.tasks:
-            await asyncio.gather(*self.running, *self.hub.tasks, return_exceptions=True)
+        """Wait for every registration and every handler that is waiting, `on_close`
+        included, to finish."""
+        while self.running or self.hub.tasks or self.registering:
+            await asyncio.gather(
+                *self.running, *self.hub.tasks, *self.registering, return_exceptions=True
+            )
 
     # Departures the application tells
 

@@ -29,7 +29,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import CLOSED, CONNECTING, OPEN, State
 from websockets.server import ServerProtocol
 
-from shoal.core.protocol import whole_messages
+from shoal.core.protocol import frames_end, whole_messages
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +109,18 @@ class WebSocket(asyncio.Protocol):
         request: the opening handshake's request, once received.
         last_seen: loop time when anything last arrived from the client.
         session: what the worker attaches to it (its `Connection`).
-        pending: while a read is being handled, what is written to the client meanwhile
-            (None otherwise): it goes out in one send() when the read is done.
+        pending: while a read is being handled or the connection is corked, what is
+            written to the client meanwhile (None otherwise): it goes out in one send()
+            when the read is done or at `uncork()`.
     """
 
     __slots__ = (
+        "_corked",
         "_decoder",
+        "_failed",
+        "_fast",
         "_fragments",
+        "_held",
         "_lost",
         "_timer",
         "admitted",
@@ -152,6 +157,12 @@ class WebSocket(asyncio.Protocol):
         self._fragments: list[Any] | None = None
         self._decoder: Any = None
         self._lost: asyncio.Future[None] | None = None
+        # The fast path for whole messages (`_fast_path`), and the start of a frame it
+        # holds back until the frame is whole.
+        self._fast = False
+        self._held = b""
+        self._failed = False
+        self._corked = False
 
     # asyncio.Protocol
 
@@ -162,6 +173,9 @@ class WebSocket(asyncio.Protocol):
         self._timer = self.loop.call_later(self.settings.open_timeout, self._too_slow, "opening")
 
     def data_received(self, data: bytes) -> None:
+        if self.pending is not None:  # corked: it all goes out at `uncork()`
+            self._received(data)
+            return
         # One read often holds several messages (a client that pipelines): their replies
         # are joined and written once, after the read is handled, rather than with a
         # send() each, which was a fourth of the cost of an echo.
@@ -170,44 +184,62 @@ class WebSocket(asyncio.Protocol):
         try:
             self._received(data)
         finally:
-            self.pending = None
-            if pending:
-                self._flush(pending)
-                transport = self.transport
-                if (
-                    transport is not None
-                    and transport.get_write_buffer_size() > self.settings.max_buffer
-                ):
-                    self.handlers.overflowed(self)
+            if not self._corked:
+                self.pending = None
+                self._write_out(pending)
+
+    def cork(self) -> None:
+        """Hold everything written to the client, from the protocol too, until `uncork()`.
+
+        The worker corks a connection from its handshake until it is registered, so
+        that the 101 and the application's first messages (the welcome) leave in one
+        send(), and the 101 only once the connection's state is in Redis.
+        """
+        self._corked = True
+        if self.pending is None:
+            self.pending = []
+
+    def uncork(self) -> None:
+        """Write what `cork()` held, in one send()."""
+        self._corked = False
+        pending, self.pending = self.pending, None
+        if pending:
+            self._write_out(pending)
+
+    def _write_out(self, pending: list[bytes]) -> None:
+        """Write held data at once; the client is a slow consumer if too much is unsent."""
+        if not pending:
+            return
+        self._flush(pending)
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > self.settings.max_buffer:
+            self.handlers.overflowed(self)
 
     def _received(self, data: bytes) -> None:
         self.last_seen = self.loop.time()
         protocol = self.protocol
-        if (
-            protocol.state is OPEN
-            and protocol.current_size is None  # not inside a fragmented message
-            and not protocol.reader.buffer  # nor inside a frame
-            and not protocol.extensions
-        ):
-            # Whole messages at the start of the read skip websockets' parser (see
-            # `protocol.whole_messages`); it takes over at the first other frame, in
-            # the state it would have reached itself.
-            at = 0
-            for text, payload, stop in whole_messages(data, self.settings.max_size):
-                if protocol.state is not OPEN:  # closing: websockets decides what follows
-                    break
-                self._message(text, payload)
-                at = stop
-            if at:
-                if at == len(data):
-                    return
-                data = data[at:]
+        if self._fast:
+            data = self._fast_path(data)
+            if not data:
+                return
+        opening = protocol.state is CONNECTING
         protocol.receive_data(data)
         events = protocol.events_received()
         if protocol.state is OPEN or protocol.state is CONNECTING:
             # Pongs first, as websockets' own connections do.
             self._send_data()
             self._deliver(events)
+            if opening and protocol.state is OPEN:
+                # The fast path needs websockets' parser between frames: it is if the
+                # request ended where this read ends, as when a client waits for the 101
+                # (RFC 6455, 4.1). The request ends at its first blank line, which cannot
+                # have begun in an earlier read when this one starts with "GET ".
+                # Otherwise websockets parses everything, as it does with compression.
+                self._fast = (
+                    not protocol.extensions
+                    and data[:4] == b"GET "
+                    and data.find(b"\r\n\r\n") == len(data) - 4
+                )
             return
         # A close frame is queued (the client's, or a bad frame after good ones): the
         # replies to the messages before it must precede it on the wire. Those whose
@@ -230,6 +262,8 @@ class WebSocket(asyncio.Protocol):
 
     def _deliver(self, events: list[Any]) -> None:
         for event in events:
+            if self._failed:  # invalid UTF-8: what followed it is discarded, as websockets does
+                return
             if type(event) is Frame:
                 self._frame(event)
             else:
@@ -335,12 +369,17 @@ class WebSocket(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if self.pending:
-            self._flush(self.pending)
+        pending = self.pending
         for data in self.protocol.data_to_send():
             if data:
-                transport.write(data)
-            elif transport.can_write_eof():
+                if pending is not None:  # in order after what is held, and with it
+                    pending.append(data)
+                else:
+                    transport.write(data)
+                continue
+            if pending:  # all that precedes the end of the stream goes first
+                self._flush(pending)
+            if transport.can_write_eof():
                 # The end of the stream after a close frame or a refused handshake.
                 try:
                     transport.write_eof()
@@ -373,6 +412,32 @@ class WebSocket(asyncio.Protocol):
         self._send_data()
         if protocol.state is OPEN:
             handlers.opened(self)
+
+    def _fast_path(self, data: bytes) -> bytes:
+        """Deliver the whole messages at the start of `data` (`protocol.whole_messages`);
+        return the whole frames websockets must parse, holding back a frame still arriving.
+
+        websockets is given whole frames only, so its parser is always between frames
+        when the next read comes, and this path can take over again.
+        """
+        protocol = self.protocol
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        at = 0
+        if protocol.current_size is None:  # not inside a fragmented message
+            for text, payload, stop in whole_messages(data, self.settings.max_size):
+                if protocol.state is not OPEN:
+                    break
+                self._message(text, payload)
+                at = stop
+        if protocol.state is not OPEN:  # closing or failed: websockets decides what follows
+            self._fast = False
+            return data[at:]
+        end = frames_end(data, at, self.settings.max_size)
+        if end < len(data):
+            self._held = data[end:]
+        return data[at:end]
 
     def _message(self, text: bool, payload: bytes) -> None:
         """A message in one frame."""
@@ -431,6 +496,7 @@ class WebSocket(asyncio.Protocol):
 
     def _invalid(self, exc: UnicodeDecodeError) -> None:
         self._fragments = self._decoder = None
+        self._failed = True
         self.protocol.fail(WsCloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
         self._send_data()
 

@@ -16,6 +16,7 @@ from shoal.core.errors import (
     RedisBusy,
     RedisNoPermission,
     RedisOutOfMemory,
+    RedisReplyError,
     RedisUnavailable,
 )
 from shoal.core.resp import Client, Link, RedisAddress, Timeouts, open_link
@@ -250,3 +251,27 @@ async def test_a_link_refuses_commands_once_closed(own_redis: RedisServer) -> No
             await asyncio.sleep(0.01)
     with pytest.raises(RedisUnavailable):
         link.send("PING")
+
+
+async def test_submit_gives_every_reply_or_the_first_error(own_redis: RedisServer) -> None:
+    """`submit()`, the pipeline without a coroutine that registers connections."""
+    client = Client(RedisAddress.from_url(own_redis.url), FAST)
+    try:
+        # Before any connection exists it connects, as `pipeline()` does.
+        assert await client.submit([("SET", "a", "1"), ("INCR", "a"), ("GET", "a")]) == [
+            "OK",
+            2,
+            "2",
+        ]
+        # An error reply in the middle fails the whole; the others still ran.
+        with pytest.raises(RedisReplyError, match="WRONGTYPE"):
+            await client.submit([("SET", "b", "x"), ("LPUSH", "b", "y"), ("SET", "c", "z")])
+        assert await client.execute("GET", "c") == "z"
+        # Redis gone with replies due: the future fails instead of hanging.
+        own_redis.freeze()
+        pending = client.submit([("GET", "a"), ("PING",)])
+        own_redis.stop()
+        with pytest.raises(RedisUnavailable):
+            await asyncio.wait_for(pending, 5 * SCALE)
+    finally:
+        await client.close()

@@ -106,3 +106,22 @@ def test_limits_and_refusals_the_transport_relies_on() -> None:
     failing, _ = _pair(compression=False)
     failing.fail(1007, "invalid UTF-8")
     assert failing.state is CLOSING and failing.close_expected()
+
+
+def test_what_the_fast_path_reads_of_the_parser_state() -> None:
+    """The transport parses whole messages itself while websockets' parser is between
+    frames (it hands websockets whole frames only) and outside a fragmented message:
+    `current_size` is None then, and an int inside one."""
+    server, client = _pair(compression=False)
+    assert server.current_size is None and not server.extensions
+    client.send_text(b"first", fin=False)
+    server.receive_data(b"".join(client.data_to_send()))
+    assert server.current_size == len(b"first")
+    client.send_continuation(b" and last", fin=True)
+    # Frames the transport parsed itself were never seen by websockets: it goes on from
+    # the next whole frame as if it had parsed them.
+    client.send_text(b"whole")
+    server.receive_data(b"".join(client.data_to_send()))
+    frames = [f for f in server.events_received() if type(f) is Frame]
+    assert [f.data for f in frames] == [b"first", b" and last", b"whole"]
+    assert server.current_size is None
