@@ -25,8 +25,9 @@ from shoal.core.schema import PresenceEntry
 
 logger = logging.getLogger(__name__)
 
-# One key each, so both stay atomic on Redis Cluster. EVAL rather than EVALSHA: Redis
-# caches the compiled script, and no NOSCRIPT can follow a Redis restart.
+# A user's count going down, its field deleted at zero: one key, so it stays atomic on
+# Redis Cluster. EVAL rather than EVALSHA: Redis caches the compiled script, and no
+# NOSCRIPT can follow a Redis restart. (Counts go up with a plain HINCRBY.)
 _DECR_USER = (
     "local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1) "
     "if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end return n"
