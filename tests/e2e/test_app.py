@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
 from collections.abc import Iterator
@@ -9,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
-from support import Shoal, client, clients_on_workers
+from support import SCALE, Shoal, client, clients_on_workers
 
 APP = textwrap.dedent(
     """
@@ -25,6 +28,10 @@ APP = textwrap.dedent(
 
     @app.on_open
     async def hello(conn: Connection) -> None:
+        if conn.user_id == "refused":
+            raise ProtocolError("Not welcome")
+        if conn.user_id == "buggy":
+            raise RuntimeError("a bug in on_open")
         await conn.send({"type": "hello", "user_id": conn.user_id, "connection_id": conn.id,
                          "greeting": app.settings["greeting"]})
 
@@ -91,6 +98,26 @@ async def test_custom_app_on_the_app_api(custom_app: Shoal) -> None:
         assert (await ann.expect("error"))["message"] == "Binary frames are not supported"
     log = custom_app.log()
     assert "handler failed" in log and "a bug in the handler" in log
+
+
+@pytest.mark.parametrize(
+    ("user", "code", "reason"),
+    [("refused", 1008, "Not welcome"), ("buggy", 1011, "internal error")],
+)
+async def test_on_open_failing_closes_that_connection_alone(
+    custom_app: Shoal, user: str, code: int, reason: str
+) -> None:
+    """on_open raising ProtocolError closes with 1008 and its message; a bug in it with
+    1011, logged. Nothing but the close reaches that client; the others go on."""
+    async with clients_on_workers(custom_app, ["ann", "bo"], welcome="hello") as (ann, _):
+        async with connect(custom_app.url(user), open_timeout=5 * SCALE) as ws:
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5 * SCALE)
+            assert (ws.close_code, ws.close_reason) == (code, reason)
+        await ann.send({"type": "shout", "text": "still here"})
+        assert (await ann.expect("shout"))["text"] == "still here"
+    if user == "buggy":
+        assert "on_open failed" in custom_app.log() and "a bug in on_open" in custom_app.log()
 
 
 async def test_json_logs(tmp_path: Path, settings: dict[str, Any]) -> None:
