@@ -120,6 +120,53 @@ async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
         node.stop()
 
 
+def masked_frame(payload: bytes) -> bytes:
+    """One client text frame (masked, as RFC 6455 requires of clients)."""
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        head = bytes([0x81, 0x80 | length])
+    elif length < 65536:
+        head = bytes([0x81, 0x80 | 126]) + struct.pack("!H", length)
+    else:
+        head = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", length)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_a_client_that_floods_requests_and_never_reads_is_cut_off(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    """Replies to a read leave together after it: a client sending request after request
+    without reading a reply is closed with 4000 once they pile up, not served forever."""
+    settings["server"].update(
+        worker_num=1, buffer_output_size=256 * 1024, max_message_size=64 * 1024
+    )
+    node = Shoal(tmp_path, settings).start()
+    flood: socket.socket | None = None
+    try:
+        flood = raw_websocket(node.port, "/ws?user_id=flood", rcvbuf=4096)
+        # Each is echoed by the chat app ({"type":"echo","data":...}): ~20 MB of replies.
+        request = masked_frame(b'{"type":"ping-me","pad":"' + b"x" * 50_000 + b'"}')
+
+        def send_all(sock: socket.socket) -> None:
+            try:
+                for _ in range(400):
+                    sock.sendall(request)
+            except OSError:
+                pass  # closed by the server, as it should be
+
+        async with client(node.url("other")) as other:
+            await asyncio.to_thread(send_all, flood)
+            assert await asyncio.to_thread(read_close_code, flood, 10) == 4000
+            reply = await other.request({"type": "still-served"}, "echo")
+            assert reply["data"] == {"type": "still-served"}
+        assert "slow consumer" in node.log()
+    finally:
+        if flood is not None:
+            flood.close()
+        node.stop()
+
+
 async def test_frame_over_max_message_size_closes_with_1009(
     tmp_path: Path, settings: dict[str, Any]
 ) -> None:
