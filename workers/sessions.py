@@ -167,30 +167,32 @@ class Sessions:
                 self.running.add(task)
                 task.add_done_callback(functools.partial(self._resume, conn))
                 return
-            inbox = conn.inbox
-            if not inbox:
-                if conn.ws.replying:
-                    conn.ws.replied()
+            following = self._next(conn)
+            if following is None:
                 return
-            item = inbox.popleft()
-            if len(inbox) == _INBOX_LOW:
-                conn.ws.resume_reading()
-            coro = self._forget(conn) if item is _CLOSED else self._dispatch(conn, item)
+            coro = following
 
     def _resume(self, conn: Connection, task: asyncio.Task[None]) -> None:
         self.running.discard(task)
         conn.busy = False
         if not task.cancelled() and task.exception() is not None:
             logger.error("handler failed on connection %s", conn.id, exc_info=task.exception())
+        following = self._next(conn)
+        if following is not None:
+            self._start(conn, following)
+
+    def _next(self, conn: Connection) -> Coroutine[Any, Any, None] | None:
+        """The handler of the connection's next waiting message, if any. With none
+        left, the close frame held back for their replies may go."""
         inbox = conn.inbox
         if not inbox:
             if conn.ws.replying:
                 conn.ws.replied()
-            return
+            return None
         item = inbox.popleft()
         if len(inbox) == _INBOX_LOW:
             conn.ws.resume_reading()
-        self._start(conn, self._forget(conn) if item is _CLOSED else self._dispatch(conn, item))
+        return self._forget(conn) if item is _CLOSED else self._dispatch(conn, item)
 
     # One connection's life
 
