@@ -359,7 +359,8 @@ class WebSocket(asyncio.Protocol):
     # Inside
 
     def _flush(self, pending: list[bytes]) -> None:
-        """Write what was held during a read, before anything the protocol sends."""
+        """Write what is held (replies, and the protocol's own data after them) in one
+        send()."""
         transport = self.transport
         if transport is not None:
             transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
