@@ -26,7 +26,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -141,9 +141,7 @@ def build_application(redis_url: str, raw_echo: bool) -> Any:
                     "message": message.get("message"),
                     "timestamp": now,
                 }
-                await layer.group_send(
-                    _group("room", room), {"type": "deliver", "text": orjson.dumps(out).decode()}
-                )
+                await self.to_group(_group("room", room), out)
             elif kind == "broadcast":
                 to_all: schema.Broadcast = {
                     "type": "broadcast",
@@ -151,14 +149,7 @@ def build_application(redis_url: str, raw_echo: bool) -> Any:
                     "message": message.get("message"),
                     "timestamp": now,
                 }
-                await layer.group_send(
-                    "all",
-                    {
-                        "type": "deliver",
-                        "text": orjson.dumps(to_all).decode(),
-                        "skip": self.channel_name,
-                    },
-                )
+                await self.to_group("all", to_all, skip=self.channel_name)
             elif kind == "private":
                 target = str(message.get("to"))
                 private: schema.PrivateMessage = {
@@ -167,15 +158,19 @@ def build_application(redis_url: str, raw_echo: bool) -> Any:
                     "message": message.get("message"),
                     "timestamp": now,
                 }
-                await layer.group_send(
-                    _group("user", target),
-                    {"type": "deliver", "text": orjson.dumps(private).decode()},
-                )
+                await self.to_group(_group("user", target), private)
                 sent: schema.MessageSent = {"type": "message_sent", "to": target, "timestamp": now}
                 await self.send(text_data=orjson.dumps(sent).decode())
             else:
                 echo: schema.Echo = {"type": "echo", "data": message}
                 await self.send(text_data=orjson.dumps(echo).decode())
+
+        async def to_group(
+            self, group: str, message: Mapping[str, Any], skip: str | None = None
+        ) -> None:
+            """Send `message` to a group's members, but `skip` (the sender of a broadcast)."""
+            event = {"type": "deliver", "text": orjson.dumps(message).decode(), "skip": skip}
+            await self.channel_layer.group_send(group, event)
 
         async def deliver(self, event: dict[str, Any]) -> None:
             if event.get("skip") != self.channel_name:

@@ -162,6 +162,13 @@ async def test_the_same_messages_however_the_bytes_are_cut(fast: bool, seed: int
     assert pongs == pings
 
 
+def close_code_sent(wire: Wire, client: ClientProtocol) -> int | None:
+    """The code of the close frame the server wrote, as the client reads it."""
+    client.receive_data(bytes(wire.written))
+    client.events_received()
+    return client.close_rcvd.code if client.close_rcvd is not None else None
+
+
 @pytest.mark.parametrize("fast", [True, False])
 async def test_a_bad_frame_after_good_ones_fails_the_connection_after_them(fast: bool) -> None:
     ws, recorder, wire, client, rest = connect(fast=fast)
@@ -170,9 +177,7 @@ async def test_a_bad_frame_after_good_ones_fails_the_connection_after_them(fast:
     unmasked = Frame(Opcode.TEXT, b"bad").serialize(mask=False)
     ws.data_received(rest + good + unmasked + good)
     assert recorder.messages == ["opening", "good"]
-    client.receive_data(bytes(wire.written))
-    client.events_received()
-    assert client.close_rcvd is not None and client.close_rcvd.code == 1002
+    assert close_code_sent(wire, client) == 1002
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -183,9 +188,7 @@ async def test_invalid_utf8_stops_delivery_at_that_message(fast: bool) -> None:
     client.send_text(b"after")
     ws.data_received(rest + b"".join(client.data_to_send()))
     assert recorder.messages == ["opening", "one"]
-    client.receive_data(bytes(wire.written))
-    client.events_received()
-    assert client.close_rcvd is not None and client.close_rcvd.code == 1007
+    assert close_code_sent(wire, client) == 1007
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -196,9 +199,7 @@ async def test_a_message_over_max_size_is_refused_with_1009(fast: bool) -> None:
     for at in range(0, len(data), 4096):
         ws.data_received(data[at : at + 4096])
     assert recorder.messages == ["opening"]
-    client.receive_data(bytes(wire.written))
-    client.events_received()
-    assert client.close_rcvd is not None and client.close_rcvd.code == 1009
+    assert close_code_sent(wire, client) == 1009
 
 
 @pytest.mark.parametrize("fast", [True, False])
