@@ -66,6 +66,19 @@ def read_close_code(sock: socket.socket, timeout: float) -> int:
         buffer = buffer[offset + length :]
 
 
+def masked_frame(payload: bytes) -> bytes:
+    """One client text frame (masked, as RFC 6455 requires of clients)."""
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        head = bytes([0x81, 0x80 | length])
+    elif length < 65536:
+        head = bytes([0x81, 0x80 | 126]) + struct.pack("!H", length)
+    else:
+        head = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", length)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
 async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
     tmp_path: Path, settings: dict[str, Any]
 ) -> None:
@@ -78,13 +91,7 @@ async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
     try:
         # A client that joins a room, then never reads again, behind a small socket buffer.
         slow = raw_websocket(node.port, "/ws?user_id=slow", rcvbuf=4096)
-        mask = os.urandom(4)
-        join = b'{"type":"join_room","room":"firehose"}'
-        slow.sendall(
-            bytes([0x81, 0x80 | len(join)])
-            + mask
-            + bytes(b ^ mask[i % 4] for i, b in enumerate(join))
-        )
+        slow.sendall(masked_frame(b'{"type":"join_room","room":"firehose"}'))
         async with client(node.url("fast")) as fast, client(node.url("pub")) as pub:
             await fast.request({"type": "join_room", "room": "firehose"}, "joined_room")
             await pub.request({"type": "join_room", "room": "firehose"}, "joined_room")
@@ -118,19 +125,6 @@ async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
         if slow is not None:
             slow.close()
         node.stop()
-
-
-def masked_frame(payload: bytes) -> bytes:
-    """One client text frame (masked, as RFC 6455 requires of clients)."""
-    mask = os.urandom(4)
-    length = len(payload)
-    if length < 126:
-        head = bytes([0x81, 0x80 | length])
-    elif length < 65536:
-        head = bytes([0x81, 0x80 | 126]) + struct.pack("!H", length)
-    else:
-        head = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", length)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 async def test_a_client_that_floods_requests_and_never_reads_is_cut_off(
