@@ -54,7 +54,16 @@ class Connection:
         "ws",
     )
 
-    def __init__(self, cid: str, user_id: str, ws: WebSocket, hub: Hub, connected_at: int) -> None:
+    def __init__(
+        self,
+        cid: str,
+        user_id: str,
+        ws: WebSocket,
+        hub: Hub,
+        *,
+        connected_at: int,
+        request_path: str,
+    ) -> None:
         self.id = cid
         self.user_id = user_id
         self.ws = ws
@@ -64,7 +73,7 @@ class Connection:
         self.hub = hub
         self.connected_at = connected_at
         self.address = ws.remote_address
-        self.request_path = ws.request.path if ws.request else ""
+        self.request_path = request_path
         self.metadata: dict[str, Any] = {}
         self.rooms: set[str] = set()
         self.channels: set[str] = set()
@@ -72,12 +81,22 @@ class Connection:
         # shared pre-built frames cannot be used for it.
         self.deflate = ws.compressed
         self.closing = False
-        # Messages waiting while a handler of this connection is waiting (in order).
-        self.inbox: collections.deque[Any] = collections.deque()
+        # Messages waiting while a handler of this connection is waiting (in order);
+        # made when the first one waits (an empty deque is 760 bytes, and most
+        # connections never need one).
+        self.inbox: collections.deque[Any] | None = None
         self.busy = False
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.user_id}>"
+
+    def hold(self, item: Any) -> int:
+        """Queue `item` behind the handler that is waiting. Returns how many wait."""
+        inbox = self.inbox
+        if inbox is None:
+            inbox = self.inbox = collections.deque()
+        inbox.append(item)
+        return len(inbox)
 
     # Sending
 

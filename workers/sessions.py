@@ -97,17 +97,21 @@ class Sessions:
     def route(self, ws: WebSocket, request: Request) -> Response | None:
         return self.router(ws, request)
 
-    def opened(self, ws: WebSocket) -> None:
+    def opened(self, ws: WebSocket, request: Request) -> None:
         self.open.add(ws)
-        path = ws.request.path if ws.request else ""
         try:
-            user = user_from(path) or f"u-{secrets.token_hex(6)}"
+            user = user_from(request.path) or f"u-{secrets.token_hex(6)}"
         except ProtocolError as exc:
             ws.close(CloseCode.POLICY_VIOLATION, str(exc))
             return
         self.sequence += 1
         conn = Connection(
-            f"{self.worker_id}.{self.sequence}", user, ws, self.hub, int(time.time() * 1000)
+            f"{self.worker_id}.{self.sequence}",
+            user,
+            ws,
+            self.hub,
+            connected_at=int(time.time() * 1000),
+            request_path=request.path,
         )
         ws.session = conn
         # The 101 leaves once the connection's state is in Redis, in one send() with
@@ -127,8 +131,7 @@ class Sessions:
         if conn is None:
             return  # being refused (an invalid user_id)
         if conn.busy:
-            conn.inbox.append(data)
-            if len(conn.inbox) == _INBOX_HIGH:
+            if conn.hold(data) == _INBOX_HIGH:
                 ws.pause_reading()
             return
         self._start(conn, self._dispatch(conn, data))
@@ -143,7 +146,7 @@ class Sessions:
             return
         # What the client sent before it went is still handled, then the state removed.
         if conn.busy:
-            conn.inbox.append(_CLOSED)
+            conn.hold(_CLOSED)
         else:
             self._start(conn, self._forget(conn))
 
@@ -186,6 +189,7 @@ class Sessions:
         left, the close frame held back for their replies may go."""
         inbox = conn.inbox
         if not inbox:
+            conn.inbox = None
             if conn.ws.replying:
                 conn.ws.replied()
             return None
@@ -217,7 +221,7 @@ class Sessions:
         # Part of its state may have been written: remove it once Redis answers.
         self.keeper.removal_failed(conn.id, conn.user_id, (), told=True)
         conn.ws.session = None  # nothing more to do for it when it goes
-        conn.inbox.clear()
+        conn.inbox = None
         conn.close_soon(CloseCode.TRY_AGAIN_LATER, "redis unavailable")
         conn.ws.uncork()
 

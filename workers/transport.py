@@ -48,8 +48,11 @@ class Handlers(Protocol):
     def route(self, ws: WebSocket, request: Request) -> Response | None:
         """Answer a plain HTTP request or refuse a handshake; None to accept it."""
 
-    def opened(self, ws: WebSocket) -> None:
-        """The opening handshake completed (101 sent)."""
+    def opened(self, ws: WebSocket, request: Request) -> None:
+        """The opening handshake of `request` completed (the 101 is sent or corked).
+
+        `request.headers` is emptied when this returns: read what is needed now.
+        """
 
     def received(self, ws: WebSocket, data: str | bytes) -> None:
         """A complete message arrived, in order."""
@@ -106,7 +109,6 @@ class WebSocket(asyncio.Protocol):
     Attributes:
         protocol: websockets' sans-I/O state machine for it.
         transport: the TCP transport, None once the connection is gone.
-        request: the opening handshake's request, once received.
         last_seen: loop time when anything last arrived from the client.
         session: what the worker attaches to it (its `Connection`).
         pending: while a read is being handled or the connection is corked, what is
@@ -130,7 +132,6 @@ class WebSocket(asyncio.Protocol):
         "pending",
         "protocol",
         "replying",
-        "request",
         "session",
         "settings",
         "transport",
@@ -146,7 +147,6 @@ class WebSocket(asyncio.Protocol):
             logger=_QUIET,
         )
         self.transport: asyncio.Transport | None = None
-        self.request: Request | None = None
         self.session: Any = None
         self.admitted = False
         # The close frame waits while replies to what came before it go out.
@@ -400,7 +400,6 @@ class WebSocket(asyncio.Protocol):
             self.transport.abort()
 
     def _handshake(self, request: Request) -> None:
-        self.request = request
         protocol = self.protocol
         handlers = self.handlers
         response = handlers.route(self, request)
@@ -412,7 +411,11 @@ class WebSocket(asyncio.Protocol):
             self._timer = None
         self._send_data()
         if protocol.state is OPEN:
-            handlers.opened(self)
+            handlers.opened(self, request)
+        # websockets' parser keeps the request for as long as the connection lives; its
+        # headers, a dozen objects, would cost memory and the garbage collector's time
+        # on every full collection. The worker reads them during the handshake only.
+        request.headers.clear()
 
     def _fast_path(self, data: bytes) -> bytes:
         """Deliver the whole messages at the start of `data` (`protocol.whole_messages`);

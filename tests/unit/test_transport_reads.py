@@ -33,7 +33,7 @@ class Recorder:
     def route(self, ws: transport.WebSocket, request: Request) -> Response | None:
         return None
 
-    def opened(self, ws: transport.WebSocket) -> None:
+    def opened(self, ws: transport.WebSocket, request: Request) -> None:
         pass
 
     def received(self, ws: transport.WebSocket, data: str | bytes) -> None:
@@ -216,13 +216,31 @@ async def test_a_frame_inside_a_payload_is_never_taken_for_a_frame(fast: bool) -
     assert recorder.messages == ["opening", inner, inner]
 
 
+async def test_an_open_connection_keeps_no_handshake_headers() -> None:
+    """websockets' parser holds the request for the connection's life: its headers, a
+    dozen objects and a kilobyte from a browser, are emptied once the worker has them."""
+    seen: list[Request] = []
+    recorder, wire = Recorder(), Wire()
+    recorder.opened = lambda ws, request: seen.append(request)  # type: ignore[method-assign]
+    settings = transport.Settings.make(MAX_SIZE, 1 << 20, 10.0, 10.0, compression=False)
+    ws = transport.WebSocket(recorder, settings)
+    ws.connection_made(wire)  # type: ignore[arg-type]
+    client = ClientProtocol(parse_uri("ws://shoal/ws?user_id=ann"))
+    client.send_request(client.connect())
+    ws.data_received(b"".join(client.data_to_send()))
+    assert ws.is_open
+    [request] = seen
+    assert request.path == "/ws?user_id=ann"
+    assert len(request.headers) == 0
+
+
 async def test_a_corked_connection_sends_its_101_with_what_follows_in_one_write() -> None:
     """The worker corks a connection until it is registered: the 101 and the welcome
     leave together, then writes go straight out again."""
     recorder, wire = Recorder(), Wire()
     settings = transport.Settings.make(MAX_SIZE, 1 << 20, 10.0, 10.0, compression=False)
     ws = transport.WebSocket(recorder, settings)
-    recorder.opened = lambda ws: ws.cork()  # type: ignore[method-assign]
+    recorder.opened = lambda ws, request: ws.cork()  # type: ignore[method-assign]
     ws.connection_made(wire)  # type: ignore[arg-type]
     client = ClientProtocol(parse_uri("ws://shoal/ws"))
     client.send_request(client.connect())
