@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     field_validator,
@@ -26,6 +27,7 @@ from pydantic import (
 EMBEDDED = "embedded"
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -182,8 +184,40 @@ class AppConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class TasksConfig(_Section):
+    """The task pool (Swoole's task workers): slow jobs off the WebSocket workers."""
+
+    task_worker_num: NonNegativeInt | None = None
+    modules: tuple[str, ...] = ("shoal.tasks.builtin",)
+    concurrency: PositiveInt = 16
+    visibility_timeout: Annotated[float, Field(ge=1.0)] = 30.0
+    timeout: PositiveFloat = 60.0
+    max_retries: NonNegativeInt = 3
+    retry_backoff: PositiveFloat = 1.0
+    max_pending: PositiveInt = 10_000
+    result_ttl: Annotated[float, Field(ge=1.0)] = 3600.0
+    nice: Annotated[int, Field(ge=0, le=19)] = 10
+
+    @field_validator("modules")
+    @classmethod
+    def _modules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for module in value:
+            if not _MODULE.fullmatch(module):
+                raise ValueError(f"{module!r} is not a module import string (package.module)")
+        return value
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     app: AppConfig = Field(default_factory=AppConfig)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+
+    @property
+    def task_processes(self) -> int:
+        """`tasks.task_worker_num`; unset, 2 for the built-in chat app (its `task`
+        messages need a pool) and 0, no pool, for any other application."""
+        if self.tasks.task_worker_num is not None:
+            return self.tasks.task_worker_num
+        return 2 if self.app.module == "chat" else 0

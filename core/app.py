@@ -28,15 +28,51 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from shoal.core.errors import BootError, ConfigError
+from shoal.core.jobs import Outcome, Status
 from shoal.core.keys import TopicKind
 from shoal.core.registry import Members
 from shoal.core.schema import CloseCode, PresenceEntry
 
-__all__ = ["App", "Connection", "Hub", "Members", "TopicKind", "check", "load", "resolve"]
+__all__ = [
+    "App",
+    "Connection",
+    "Hub",
+    "Members",
+    "Outcome",
+    "Status",
+    "Tasks",
+    "TopicKind",
+    "check",
+    "load",
+    "resolve",
+]
+
+
+class Tasks(Protocol):
+    """Waiting on tasks a connection dispatched (`Connection.dispatch`), from any worker."""
+
+    async def wait(self, task_id: str) -> Any:
+        """The job's result (Swoole's `taskwait`); bound the wait with `asyncio.timeout()`.
+
+        Raises:
+            TaskFailed: the job failed; its `type` and `message` say how.
+        """
+
+    async def wait_many(
+        self,
+        task_ids: Iterable[str],
+        timeout: float,  # noqa: ASYNC109 - what ends within a deadline, not a cancellation
+    ) -> dict[str, Any]:
+        """Results of the jobs that end within `timeout` (Swoole's `taskWaitMulti`): each
+        result, or the `TaskFailed` of a job that failed; unfinished ones are left out."""
+
+    async def status(self, task_id: str) -> Status:
+        """Where a job stands: queued, running, done or failed (with its outcome), or
+        unknown (never dispatched, or its outcome expired after `tasks.result_ttl`)."""
 
 
 class Hub(Protocol):
@@ -72,6 +108,10 @@ class Hub(Protocol):
 
     async def user_connections(self, user_id: str) -> int:
         """How many connections `user_id` has open, across workers and nodes."""
+
+    @property
+    def tasks(self) -> Tasks:
+        """The task queue: wait on jobs, ask where they stand."""
 
 
 class Connection(Protocol):
@@ -138,12 +178,24 @@ class Connection(Protocol):
     async def set_metadata(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
         """Merge `metadata` into this connection's metadata. Returns the result."""
 
+    async def dispatch(self, task: str, data: Any = None) -> str:
+        """Hand a slow job to the task pool (Swoole's `task()`); returns its task id at
+        once. Its outcome comes back to this connection (or, if it closed, to its user's
+        other connections) through `on_task_result`, or as a `task_result` /
+        `task_failed` message when the application has none.
+
+        Raises:
+            TaskRefused: the task is unknown, `data` cannot travel as msgpack, or the
+                queue is full (`tasks.max_pending`).
+        """
+
 
 OpenHandler = Callable[[Connection], Awaitable[None]]
 MessageHandler = Callable[[Connection, dict[str, Any]], Awaitable[None]]
 FrameHandler = Callable[[Connection, str | bytes], Awaitable[None]]
 BinaryHandler = Callable[[Connection, bytes], Awaitable[None]]
 DepartedHandler = Callable[[Hub, str, list[str]], Awaitable[None]]
+TaskResultHandler = Callable[[Connection, Outcome], Awaitable[None]]
 _F = TypeVar("_F", bound=Callable[..., Awaitable[None]])
 
 BUILTIN = {
@@ -169,6 +221,7 @@ class App:
         self.binary_handler: BinaryHandler | None = None
         self.frame_handler: FrameHandler | None = None
         self.departed_handler: DepartedHandler | None = None
+        self.task_result_handler: TaskResultHandler | None = None
         self.settings_check: Callable[[dict[str, Any]], None] | None = None
 
     def on_open(self, handler: OpenHandler) -> OpenHandler:
@@ -195,6 +248,13 @@ class App:
         can tell the rooms, as `on_close` does for an ordinary close.
         """
         self.departed_handler = handler
+        return handler
+
+    def on_task_result(self, handler: TaskResultHandler) -> TaskResultHandler:
+        """Run as `handler(conn, outcome)` when a task `conn` dispatched (or another
+        connection of its user, since closed) ended (Swoole's `onFinish`). Without it,
+        the client gets `outcome.client_message()`."""
+        self.task_result_handler = handler
         return handler
 
     def check_settings(

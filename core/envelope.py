@@ -10,6 +10,9 @@ second is its kind:
 - `[1, 2, [[user_id, [room, ...]], ...]]`, `Departed`: sent to one worker's channel after
   connections went without their `on_close` completing (their worker or node died, or
   Redis was unreachable when they closed), so that the application can tell their rooms.
+- `[1, 3, task_id, name, ok, body, target]`, `TaskDone`: a task's outcome (`body`, msgpack
+  of its result or error) for the connections in `target` on one worker's channel; the
+  worker also wakes whatever waits for that task there.
 
 Nodes of different versions may share a Redis during a rolling upgrade: an envelope of
 an unknown version or kind raises `EnvelopeError`, which the receiver logs and skips.
@@ -28,6 +31,7 @@ from shoal.core.errors import EnvelopeError
 VERSION = 1
 _MESSAGE = 1
 _DEPARTED = 2
+_TASK_DONE = 3
 
 
 class Message(NamedTuple):
@@ -45,6 +49,17 @@ class Departed:
     users: list[tuple[str, list[str]]]
 
 
+@dataclass(frozen=True, slots=True)
+class TaskDone:
+    """A task's outcome, for the connections in `target` (and waiters of the task)."""
+
+    task_id: str
+    name: str
+    ok: bool
+    body: bytes
+    target: list[str]
+
+
 def message(payload: bytes, target: str | list[str] | None, *, text: bool = True) -> bytes:
     return msgpack.packb((VERSION, _MESSAGE, text, payload, target))
 
@@ -53,7 +68,11 @@ def departed(users: Iterable[tuple[str, Sequence[str]]]) -> bytes:
     return msgpack.packb((VERSION, _DEPARTED, [[user, list(rooms)] for user, rooms in users]))
 
 
-def unpack(data: bytes) -> Message | Departed:
+def task_done(task_id: str, name: str, ok: bool, body: bytes, target: list[str]) -> bytes:
+    return msgpack.packb((VERSION, _TASK_DONE, task_id, name, ok, body, target))
+
+
+def unpack(data: bytes) -> Message | Departed | TaskDone:
     """Decode one envelope.
 
     Raises:
@@ -72,7 +91,11 @@ def unpack(data: bytes) -> Message | Departed:
             return message
     elif kind == _DEPARTED and len(fields) == 3 and _is_departed(fields[2]):
         return Departed([(user, rooms) for user, rooms in fields[2]])
-    elif kind not in (_MESSAGE, _DEPARTED):
+    elif kind == _TASK_DONE and len(fields) == 7:
+        done = TaskDone(*fields[2:])
+        if _is_task_done(done):
+            return done
+    elif kind not in (_MESSAGE, _DEPARTED, _TASK_DONE):
         raise EnvelopeError(f"bus envelope of unknown kind {kind!r}")
     # A receiver must never fail on what another process published: check every type.
     raise EnvelopeError(f"malformed bus envelope of kind {kind!r}")
@@ -99,4 +122,15 @@ def _is_departed(users: object) -> bool:
         and type(entry[1]) is list
         and all(type(room) is str for room in entry[1])
         for entry in users
+    )
+
+
+def _is_task_done(done: TaskDone) -> bool:
+    return (
+        type(done.task_id) is str
+        and type(done.name) is str
+        and type(done.ok) is bool
+        and type(done.body) is bytes
+        and type(done.target) is list
+        and all(type(cid) is str for cid in done.target)
     )

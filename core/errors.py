@@ -106,3 +106,25 @@ _REPLY_ERRORS: dict[str, type[RedisReplyError]] = {
 def reply_error(reply: str) -> RedisReplyError:
     """The shoal error for a Redis error reply, chosen by its first word."""
     return _REPLY_ERRORS.get(reply.partition(" ")[0], RedisReplyError)(reply)
+
+
+class TaskRefused(ProtocolError):
+    """A task cannot be dispatched: its name is unknown, or the queue is full
+    (`tasks.max_pending`). The message says which, for the client."""
+
+
+class TaskFailed(ShoalError):
+    """A task ended in failure (`Tasks.wait()` raises it).
+
+    Attributes:
+        task_id: the job.
+        type: the exception class name the task raised (`TaskTimeout` when it ran past
+            its timeout, `TaskAbandoned` when its process kept dying under it).
+        message: its text.
+    """
+
+    def __init__(self, task_id: str, type_: str, message: str) -> None:
+        super().__init__(f"task {task_id} failed: {type_}: {message}")
+        self.task_id = task_id
+        self.type = type_
+        self.message = message

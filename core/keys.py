@@ -14,6 +14,8 @@ one Redis never see each other. The layout (also in docs/architecture.md):
 | `P:wconns:<wid>` | hash | connection id -> user id, for every connection a worker holds |
 | `P:workers` | hash | worker id -> node id, every worker that may hold state |
 | `P:alive:<wid>` | string, TTL | the worker's heartbeat; when it expires, any node sweeps the worker's state |
+| `P:tasks` | stream | the task queue: one entry per job not yet finished (its id is the task id), consumer group `tasks` |
+| `P:task:<id>` | hash, TTL | a job's `attempts` once started, then its outcome: `state` (`done`/`failed`), `body` (msgpack), `name`, `conn`, `user` |
 
 | channel | carries |
 |---|---|
@@ -47,12 +49,13 @@ class TopicKind(Enum):
 class Keys:
     """Key and channel names under one prefix."""
 
-    __slots__ = ("bus_all", "prefix", "users", "workers")
+    __slots__ = ("bus_all", "prefix", "tasks", "users", "workers")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.users = f"{prefix}:users"
         self.workers = f"{prefix}:workers"
+        self.tasks = f"{prefix}:tasks"
         self.bus_all = f"{prefix}:bus:all".encode()
 
     def conn(self, cid: str) -> str:
@@ -72,6 +75,9 @@ class Keys:
 
     def alive(self, wid: str) -> str:
         return f"{self.prefix}:alive:{wid}"
+
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{task_id}"
 
     def bus_worker(self, wid: str) -> bytes:
         return f"{self.prefix}:bus:w:{wid}".encode()

@@ -519,9 +519,16 @@ class Client:
     its own connect timeout in turn.
     """
 
-    def __init__(self, address: RedisAddress, timeouts: Timeouts | None = None) -> None:
+    def __init__(
+        self,
+        address: RedisAddress,
+        timeouts: Timeouts | None = None,
+        *,
+        encoding: str | None = "utf-8",
+    ) -> None:
         self.address = address
         self.timeouts = timeouts or Timeouts()
+        self.encoding = encoding  # of bulk strings in replies; None keeps bytes
         self._link: Link | None = None
         self._connecting = asyncio.Lock()
         self._monitor: asyncio.Task[None] | None = None
@@ -597,7 +604,7 @@ class Client:
             if self._link is None:
                 try:
                     self._link = await open_link(
-                        self.address, self.timeouts, on_lost=self._lost, encoding="utf-8"
+                        self.address, self.timeouts, on_lost=self._lost, encoding=self.encoding
                     )
                 except (RedisUnavailable, RedisReplyError):
                     self._retry_at = loop.time() + self.timeouts.backoff(self._failures)

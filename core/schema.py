@@ -268,6 +268,53 @@ class Error(TypedDict):
     message: str
 
 
+class _ClientTask(TypedDict):
+    type: Literal["task"]
+    task: str
+
+
+class ClientTask(_ClientTask, total=False):
+    data: Any
+
+
+class ClientTaskStatus(TypedDict):
+    type: Literal["task_status"]
+    task_id: str
+
+
+class TaskDispatched(TypedDict):
+    type: Literal["task_dispatched"]
+    task_id: str
+    task: str
+
+
+class TaskResult(TypedDict):
+    type: Literal["task_result"]
+    task_id: str
+    task: str
+    result: Any
+
+
+class TaskError(TypedDict):
+    type: str
+    message: str
+
+
+class TaskFailed(TypedDict):
+    type: Literal["task_failed"]
+    task_id: str
+    task: str
+    error: TaskError
+
+
+class TaskStatus(TypedDict):
+    """The reply to `task_status` while the job has no outcome (else its outcome)."""
+
+    type: Literal["task_status"]
+    task_id: str
+    state: Literal["queued", "running", "unknown"]
+
+
 ClientMessage = (
     ClientBroadcast
     | ClientPrivate
@@ -279,6 +326,8 @@ ClientMessage = (
     | ClientPublish
     | ClientSetMetadata
     | ClientPresence
+    | ClientTask
+    | ClientTaskStatus
 )
 ServerMessage = (
     Welcome
@@ -298,6 +347,10 @@ ServerMessage = (
     | MetadataUpdated
     | Presence
     | Echo
+    | TaskDispatched
+    | TaskResult
+    | TaskFailed
+    | TaskStatus
     | Error
 )
 
@@ -312,6 +365,8 @@ CLIENT_TYPES: dict[str, type[Any]] = {
     "publish": ClientPublish,
     "set_metadata": ClientSetMetadata,
     "presence": ClientPresence,
+    "task": ClientTask,
+    "task_status": ClientTaskStatus,
 }
 SERVER_TYPES: dict[str, type[Any]] = {
     "welcome": Welcome,
@@ -332,6 +387,10 @@ SERVER_TYPES: dict[str, type[Any]] = {
     "presence": Presence,
     "echo": Echo,
     "error": Error,
+    "task_dispatched": TaskDispatched,
+    "task_result": TaskResult,
+    "task_failed": TaskFailed,
+    "task_status": TaskStatus,
 }
 
 
@@ -342,7 +401,7 @@ def _validator(kind: Any) -> Any:
     from pydantic import ConfigDict, TypeAdapter  # noqa: PLC0415
 
     typed: Any
-    for typed in (kind, PresenceEntry):
+    for typed in (kind, PresenceEntry, TaskError):
         typed.__pydantic_config__ = ConfigDict(extra="forbid", strict=True)
     return TypeAdapter(kind)
 

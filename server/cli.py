@@ -1,4 +1,4 @@
-"""The `shoal` command: `serve`, `check-config`, `--version`."""
+"""The `shoal` command: `serve`, `tasks`, `check-config`, `--version`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 from shoal.config import loader
 from shoal.config.model import Config
 from shoal.core import app, logs
-from shoal.core.errors import ConfigError, ShoalError
+from shoal.core import task as task_api
+from shoal.core.errors import BootError, ConfigError, ShoalError
 from shoal.server.master import Master
 
 EXIT_CONFIG = 2
@@ -35,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--app", help="app.module ('chat', 'echo' or 'package.module:app')")
     serve.add_argument("--log-level", help="log.level")
 
+    tasks = commands.add_parser(
+        "tasks",
+        help="run a task pool alone, no WebSocket listener, on the Redis of a shoal node",
+    )
+    tasks.add_argument("--config", "-c", type=Path, help="YAML config file (default: none)")
+    tasks.add_argument("--task-worker-num", type=int, help="tasks.task_worker_num")
+    tasks.add_argument("--redis-url", help="redis.url (redis://...; not 'embedded')")
+    tasks.add_argument("--log-level", help="log.level")
+
     check = commands.add_parser(
         "check-config", help="validate a config file and print the resolved configuration"
     )
@@ -43,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    if args.command == "tasks":
+        return {
+            "tasks": {"task_worker_num": args.task_worker_num},
+            "redis": {"url": args.redis_url},
+            "log": {"level": args.log_level},
+        }
     return {
         "server": {"host": args.host, "port": args.port, "worker_num": args.worker_num},
         "redis": {"url": args.redis_url},
@@ -54,6 +70,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def _load(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
     config = loader.load(path, overrides)
     app.check(config.app.module)
+    try:
+        # Imported here, before any fork: every child inherits them, and a module that
+        # cannot be imported is a configuration error, not a crash loop.
+        task_api.load(config.tasks.modules)
+    except BootError as exc:
+        raise ConfigError(str(exc)) from exc
     return config
 
 
@@ -65,12 +87,17 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(loader.dump(config))
             return 0
         config = _load(args.config, _overrides(args))
+        if args.command == "tasks" and config.redis.embedded:
+            raise ConfigError(
+                "redis.url: a task pool alone must use the Redis of the shoal nodes it "
+                "serves (redis://...), not 'embedded'"
+            )
     except ConfigError as exc:
         sys.stderr.write(f"shoal: invalid configuration:\n{exc}\n")
         return EXIT_CONFIG
     logs.setup(config.log.level, config.log.format)
     try:
-        return Master(config).run()
+        return Master(config, tasks_only=args.command == "tasks").run()
     except ShoalError as exc:
         logging.getLogger("shoal").error("%s", exc)
         return 1

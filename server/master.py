@@ -37,6 +37,7 @@ from shoal.core.scoreboard import Scoreboard
 from shoal.server import housekeeper
 from shoal.server.embedded import EmbeddedRedis
 from shoal.server.supervisor import Action, Fail, Kind, Policy, Signal, Spawn, Supervisor
+from shoal.tasks import process as task_pool
 from shoal.workers import worker
 
 logger = logging.getLogger(__name__)
@@ -49,11 +50,24 @@ MIN_REDIS_VERSION = (6, 2)
 
 
 class Master:
-    def __init__(self, config: Config) -> None:
+    """The master of one node.
+
+    Args:
+        config: the validated configuration.
+        tasks_only: run a task pool alone, with no WebSocket listener (`shoal tasks`).
+    """
+
+    def __init__(self, config: Config, *, tasks_only: bool = False) -> None:
         self.config = config
         self.node_id = config.server.node_id or secrets.token_hex(3)
+        self.tasks_only = tasks_only
         server = config.server
-        plan = {Kind.WEBSOCKET: server.worker_num, Kind.HOUSEKEEPER: 1}
+        plan = {} if tasks_only else {Kind.WEBSOCKET: server.worker_num, Kind.HOUSEKEEPER: 1}
+        self.task_processes = config.task_processes
+        if tasks_only and not self.task_processes:
+            self.task_processes = len(os.sched_getaffinity(0))
+        if self.task_processes:
+            plan[Kind.TASKS] = 1
         if config.redis.embedded:
             plan[Kind.REDIS] = 1
         self.supervisor = Supervisor(
@@ -62,7 +76,7 @@ class Master:
             boot_exit=worker.EXIT_BOOT,
         )
         # Two seats per worker: a rolling reload runs an old and a new one side by side.
-        self.scoreboard = Scoreboard(2 * server.worker_num + 2)
+        self.scoreboard = Scoreboard(2 * server.worker_num + 3)
         self.seats: dict[int, int] = {}
         self.worker_ids: dict[int, str] = {}
         self.signals: collections.deque[int] = collections.deque()
@@ -84,7 +98,8 @@ class Master:
         """
         server = self.config.server
         logs.set_role("master")
-        _check_port_free(server.host, server.port)
+        if not self.tasks_only:
+            _check_port_free(server.host, server.port)
         if self.config.redis.embedded:
             self.embedded = EmbeddedRedis(self.config.redis.server_bin)
             self.redis_url = self.embedded.url
@@ -92,16 +107,25 @@ class Master:
             if self.embedded is None:
                 _check_redis(self.redis_url, self.config.redis.connect_timeout)
             self._install_signals()
-            logger.info(
-                "shoal node %s: %d workers on ws://%s:%d%s, redis %s, prefix %r",
-                self.node_id,
-                server.worker_num,
-                server.host,
-                server.port,
-                server.path,
-                "embedded" if self.embedded else RedisAddress.from_url(self.redis_url),
-                self.config.redis.prefix,
-            )
+            if self.tasks_only:
+                logger.info(
+                    "shoal task node %s: %d task processes, redis %s, prefix %r",
+                    self.node_id,
+                    self.task_processes,
+                    RedisAddress.from_url(self.redis_url),
+                    self.config.redis.prefix,
+                )
+            else:
+                logger.info(
+                    "shoal node %s: %d workers on ws://%s:%d%s, redis %s, prefix %r",
+                    self.node_id,
+                    server.worker_num,
+                    server.host,
+                    server.port,
+                    server.path,
+                    "embedded" if self.embedded else RedisAddress.from_url(self.redis_url),
+                    self.config.redis.prefix,
+                )
             # Objects the children inherit stay out of the collector's sight, so a
             # collection in a worker does not copy the master's pages it shares.
             gc.freeze()
@@ -217,6 +241,8 @@ class Master:
             os.set_blocking(outbox, False)
             self._close_housekeeper_fd()
             self.housekeeper_fd = outbox
+        elif spawn.kind is Kind.TASKS:
+            pid = self._fork(lambda: self._task_pool(seat))
         else:
             pid = self._fork(lambda: self._worker(spawn.slot, seat))
             self.worker_ids[pid] = worker.worker_id(self.node_id, spawn.slot, pid)
@@ -275,6 +301,20 @@ class Master:
             )
         )
 
+    def _task_pool(self, seat: int) -> int:
+        logs.set_role("task pool")
+        return task_pool.run(
+            task_pool.Placement(
+                self.config,
+                seat,
+                self.node_id,
+                self.redis_url,
+                self.scoreboard,
+                master_pid=os.getppid(),
+                processes=self.task_processes,
+            )
+        )
+
     # Children that exit
 
     def _reap(self) -> None:
@@ -303,6 +343,11 @@ class Master:
         child = exit_info.child
         if child.kind is Kind.HOUSEKEEPER:
             self._close_housekeeper_fd()
+        elif child.kind is Kind.TASKS:
+            # The task processes go with it: they are in its process group
+            # (`shoal.tasks.process`), and also exit when their input ends.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         if exit_info.expected:
             logger.info("%s stopped: %s", child.name, how)

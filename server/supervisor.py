@@ -5,8 +5,9 @@ The master (`shoal.server.master`) carries out what this decides: it reports wha
 observed (a child started, exited, beat its heartbeat) and executes the actions it gets
 back. That keeps every rule here testable without a process (tests/unit).
 
-Children have a kind and a slot: `worker_num` WebSocket workers, one housekeeper, and
-the embedded Redis when there is one. Each start of a slot is a new child with a new
+Children have a kind and a slot: `worker_num` WebSocket workers, one housekeeper, the
+task pool when `tasks.task_worker_num` asks for one, and the embedded Redis when there
+is one (`shoal tasks` runs a task pool alone). Each start of a slot is a new child with a new
 generation number, so that a reload can tell the old from the new.
 
 Rules:
@@ -14,8 +15,8 @@ Rules:
 - A child that dies is started again in its slot. The first respawn after a stable run
   is immediate; a slot that keeps dying is a crash loop and waits an exponentially
   growing, jittered delay (up to `backoff_cap`) before each next start.
-- A WebSocket worker that exits with `EXIT_BOOT` cannot start for a reason retrying will
-  not fix (port taken, application import failed): the node stops.
+- A WebSocket worker or task pool that exits with `EXIT_BOOT` cannot start for a reason
+  retrying will not fix (port taken, application import failed): the node stops.
 - When every WebSocket slot has died `max_boot_failures` times in a row without ever
   becoming ready, the node stops too: nothing is serving, and nothing will.
 - A child whose heartbeat is older than `worker_timeout` is stuck: it gets SIGABRT first,
@@ -36,6 +37,7 @@ from enum import Enum
 class Kind(Enum):
     WEBSOCKET = "worker"
     HOUSEKEEPER = "housekeeper"
+    TASKS = "task pool"
     REDIS = "embedded redis"
 
 
@@ -179,7 +181,7 @@ class Supervisor:
         if self.stopping:
             return Exit(child, expected=True), self._stop_redis_last()
         slot = self.slots[(child.kind, child.slot)]
-        if child.kind is Kind.WEBSOCKET and code == self.boot_exit:
+        if child.kind in (Kind.WEBSOCKET, Kind.TASKS) and code == self.boot_exit:
             return Exit(child, expected=False), self._fail(
                 f"{child.kind.value} {child.slot} could not start (see its error above)"
             )

@@ -196,6 +196,10 @@ class Connection:
         self.metadata = merged
         return merged
 
+    async def dispatch(self, task: str, data: Any = None) -> str:
+        """Hand a job to the task pool; its outcome comes back to this connection."""
+        return await self.hub.tasks.dispatch(self.id, self.user_id, task, data)
+
     def snapshot(self) -> Snapshot:
         return Snapshot(
             cid=self.id,

@@ -21,6 +21,7 @@ from shoal.core.keys import Keys, TopicKind
 from shoal.core.registry import Members, Registry
 from shoal.core.schema import PresenceEntry
 from shoal.workers.connection import Connection
+from shoal.workers.dispatcher import Tasks
 
 # Called with the users of connections a cleanup removed: [(user_id, [room, ...]), ...].
 OnDeparted = Callable[[list[tuple[str, list[str]]]], None]
@@ -37,6 +38,7 @@ class Hub:
         keys: key and channel names.
         registry: shared state in Redis.
         bus: pub/sub.
+        tasks: the task queue.
         buffer_limit: `server.buffer_output_size`.
         close_timeout: `server.close_timeout`.
     """
@@ -46,6 +48,7 @@ class Hub:
         keys: Keys,
         registry: Registry,
         bus: Bus,
+        tasks: Tasks,
         *,
         buffer_limit: int,
         close_timeout: float,
@@ -53,6 +56,7 @@ class Hub:
         self.keys = keys
         self.registry = registry
         self.bus = bus
+        self.tasks = tasks
         self.buffer_limit = buffer_limit
         self.close_timeout = close_timeout
         self.worker_id = registry.worker_id
@@ -60,7 +64,8 @@ class Hub:
         self.worker_channel = keys.bus_worker(self.worker_id)
         self.local: dict[str, Connection] = {}
         self.topics: dict[bytes, set[Connection]] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        # Background coroutines (`spawn()`): asyncio keeps only weak references to tasks.
+        self.background: set[asyncio.Task[None]] = set()
         self.on_departed: OnDeparted | None = None
         # Memberships a failed join or leave may have left half-written in Redis; the
         # worker's heartbeat rewrites them from the local truth (`repair()`).
@@ -109,8 +114,8 @@ class Hub:
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run a background task, keeping a reference until it ends."""
         task = asyncio.get_running_loop().create_task(coroutine)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     # Rooms and channels
 
@@ -243,6 +248,8 @@ class Hub:
             conn.write(frames[0] if len(frames) == 1 else b"".join(frames))
         if routed.departed and self.on_departed is not None:
             self.on_departed(routed.departed)
+        if routed.tasks:
+            self.tasks.done(routed.tasks)
         if routed.rejected:
             self._skipped += routed.rejected
             now = asyncio.get_running_loop().time()
@@ -284,6 +291,8 @@ class Routed:
     """(connection, frame, payload, text) for connections that compress: each frames its own."""
     departed: list[tuple[str, list[str]]] = field(default_factory=list)
     """Users whose connections went without on_close, with their rooms."""
+    tasks: list[envelope.TaskDone] = field(default_factory=list)
+    """Outcomes of tasks, on this worker's channel."""
     rejected: int = 0
     rejected_example: str = ""
 
@@ -311,7 +320,10 @@ def route(
             routed.rejected_example = str(exc)
             continue
         if type(item) is not envelope.Message:
-            routed.departed += item.users  # type: ignore[union-attr]
+            if isinstance(item, envelope.Departed):
+                routed.departed += item.users
+            elif isinstance(item, envelope.TaskDone) and channel == worker_channel:
+                routed.tasks.append(item)
             continue
         text, payload, target = item
         wire = protocol.frame(payload, text=text)

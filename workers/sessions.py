@@ -26,6 +26,7 @@ from websockets.http11 import Request, Response
 from shoal.core import app as app_api
 from shoal.core import protocol
 from shoal.core.errors import ProtocolError, ServiceUnavailable
+from shoal.core.jobs import Outcome
 from shoal.core.schema import CloseCode
 from shoal.workers import eager
 from shoal.workers.admission import Admission
@@ -290,10 +291,35 @@ class Sessions:
     async def drain(self) -> None:
         """Wait for every registration and every handler that is waiting, `on_close`
         included, to finish."""
-        while self.running or self.hub.tasks or self.registering:
+        while self.running or self.hub.background or self.registering:
             await asyncio.gather(
-                *self.running, *self.hub.tasks, *self.registering, return_exceptions=True
+                *self.running, *self.hub.background, *self.registering, return_exceptions=True
             )
+
+    # Outcomes of tasks
+
+    def task_outcome(self, cid: str, outcome: Outcome) -> None:
+        """A task dispatched from `cid` (or a closed connection of its user) ended."""
+        conn = self.hub.local.get(cid)
+        if conn is None:
+            return  # gone since: the outcome stays readable with task_status
+        handler = self.app.task_result_handler
+        if handler is None:
+            payload = protocol.encode(outcome.client_message())
+            conn.push(protocol.frame(payload), payload, True)
+        else:
+            self.hub.spawn(self._run_task_result(handler, conn, outcome))
+
+    @staticmethod
+    async def _run_task_result(
+        handler: app_api.TaskResultHandler, conn: Connection, outcome: Outcome
+    ) -> None:
+        try:
+            await handler(conn, outcome)
+        except ServiceUnavailable:
+            logger.warning("redis unavailable in on_task_result for task %s", outcome.task_id)
+        except Exception:
+            logger.exception("on_task_result failed for task %s", outcome.task_id)
 
     # Departures the application tells
 

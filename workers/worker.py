@@ -33,6 +33,7 @@ import uvloop
 from shoal.config.model import Config
 from shoal.core import app as app_api
 from shoal.core import loops, protocol
+from shoal.core import task as task_api
 from shoal.core.backoff import full_jitter
 from shoal.core.bus import Bus
 from shoal.core.errors import BootError, ServiceUnavailable
@@ -43,6 +44,7 @@ from shoal.core.schema import ADVICE, CloseCode
 from shoal.core.scoreboard import Scoreboard
 from shoal.workers import http, transport
 from shoal.workers.admission import Admission
+from shoal.workers.dispatcher import Tasks
 from shoal.workers.hub import Hub
 from shoal.workers.keeper import Keeper
 from shoal.workers.sessions import Sessions
@@ -104,10 +106,18 @@ class Worker:
             self._on_bus_state,
             self.timeouts,
         )
+        self.tasks = Tasks(
+            keys,
+            RedisAddress.from_url(self.redis_url),
+            self.timeouts,
+            task_api.load(config.tasks.modules),
+            config.tasks.max_pending,
+        )
         self.hub = Hub(
             keys,
             Registry(client, keys, self.node_id, self.id),
             bus,
+            self.tasks,
             buffer_limit=config.server.buffer_output_size,
             close_timeout=config.server.close_timeout,
         )
@@ -121,6 +131,7 @@ class Worker:
             http.router(config.server.path, self._health, self._admit),
         )
         self.hub.on_departed = self.sessions.departed
+        self.tasks.on_outcome = self.sessions.task_outcome
         await bus.start()
         status = 0
         if await self._wait_for_redis():
@@ -146,6 +157,7 @@ class Worker:
             else:
                 status, code = EXIT_FAILED, CloseCode.INTERNAL_ERROR
             await self._shutdown(server, code)
+        await self.tasks.close()
         beat.cancel()
         await bus.close()
         await client.close()

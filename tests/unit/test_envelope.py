@@ -62,7 +62,7 @@ def test_unknown_version_is_refused(version: Any) -> None:
         envelope.unpack(data)
 
 
-@pytest.mark.parametrize("kind", [0, 3, "1", None])
+@pytest.mark.parametrize("kind", [0, 4, "1", None])
 def test_unknown_kind_is_refused(kind: Any) -> None:
     """A kind this version does not know is refused, not guessed at."""
     with pytest.raises(EnvelopeError, match="unknown kind"):

@@ -61,6 +61,15 @@ SERVER_EXAMPLES: dict[str, dict[str, Any]] = {
     },
     "echo": {"type": "echo", "data": {"type": "whatever", "n": 1}},
     "error": {"type": "error", "message": "Not in room"},
+    "task_dispatched": {"type": "task_dispatched", "task_id": "17-0", "task": "add"},
+    "task_result": {"type": "task_result", "task_id": "17-0", "task": "add", "result": [3]},
+    "task_failed": {
+        "type": "task_failed",
+        "task_id": "17-0",
+        "task": "add",
+        "error": {"type": "ValueError", "message": "bad"},
+    },
+    "task_status": {"type": "task_status", "task_id": "17-0", "state": "running"},
 }
 OPTIONAL = {("presence", "room")}
 # A value of the wrong type for each field (strict: no coercion of "2" to 2, nor 2.0 to 2).
@@ -78,8 +87,14 @@ WRONG: dict[str, Any] = {
     "metadata": [["status", "away"]],
     "users": {"ann": {}},
     "data": "text",
+    "task_id": 17,
+    "task": ["add"],
+    "error": "bad",
+    "state": "finished",
 }
-ANY_VALUE = {"message"}  # the application's payload: any JSON value (but `error`'s is text)
+# The application's payload (`message`) and a task's result: any JSON value (but the
+# `message` of `error` is text).
+ANY_VALUE = {"message", "result"}
 
 
 def test_examples_cover_every_server_type() -> None:

@@ -200,6 +200,18 @@ def test_exit_boot_of_a_worker_fails_the_node() -> None:
     assert node.sup.tick(1.0) == []  # no respawn comes due for it
 
 
+def test_exit_boot_of_the_task_pool_fails_the_node() -> None:
+    """A task pool whose task modules cannot be imported stops the node too; an ordinary
+    death of the pool is respawned."""
+    node = Node({Kind.WEBSOCKET: 1, Kind.HOUSEKEEPER: 1, Kind.TASKS: 1})
+    node.boot()
+    _, actions = node.die(Kind.TASKS, 0, 0.5, code=9)
+    assert actions == [Spawn(Kind.TASKS, 0, 1)]
+    node.spawn(spawns_of(actions), 0.5)
+    _, actions = node.die(Kind.TASKS, 0, 1.0, code=3)
+    assert actions == [Fail("task pool 0 could not start (see its error above)")]
+
+
 def test_exit_boot_status_is_configurable_and_means_nothing_for_the_housekeeper() -> None:
     """The boot status is the one the supervisor is given; a housekeeper exiting with it
     is an ordinary death (the rule names WebSocket workers only)."""

@@ -14,6 +14,7 @@ Settings (the `app` config section):
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ def _now() -> int:
     return protocol.timestamp(time.time())
 
 
+_TASK_ID = re.compile(r"\d{1,20}-\d{1,20}")
 _DEFAULTS = {"joined_members_limit": 100, "room_notices_limit": 100}
 
 
@@ -233,6 +235,26 @@ async def presence(conn: Connection, message: dict[str, Any]) -> None:
     if room is not None:
         reply["room"] = room
     await conn.send(reply)
+
+
+@app.on("task")
+async def task(conn: Connection, message: dict[str, Any]) -> None:
+    name = protocol.field(message, "task")
+    if not isinstance(name, str):
+        raise ProtocolError("Invalid task")
+    task_id = await conn.dispatch(name, message.get("data"))
+    dispatched: schema.TaskDispatched = {"type": "task_dispatched", "task_id": task_id,
+                                         "task": name}  # fmt: skip
+    await conn.send(dispatched)
+
+
+@app.on("task_status")
+async def task_status(conn: Connection, message: dict[str, Any]) -> None:
+    task_id = protocol.field(message, "task_id")
+    if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
+        raise ProtocolError("Invalid task_id")
+    status = await conn.hub.tasks.status(task_id)
+    await conn.send(status.client_message())
 
 
 @app.on_unknown
