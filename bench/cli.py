@@ -19,7 +19,7 @@ from shoal.bench.htmlreport import render_report
 from shoal.bench.limits import FD_OVERHEAD, FdLimitError, ensure_fd_limit
 from shoal.bench.nullserver import start_null_server
 from shoal.bench.orchestrator import RunError, run_plan
-from shoal.bench.plan import SCENARIOS, RunPlan
+from shoal.bench.plan import SCENARIOS, TASKS, RunPlan
 from shoal.bench.probe import ServerProbe
 from shoal.bench.summary import EXIT_ERROR, EXIT_OK, summarize
 
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline",
         type=int,
         default=1,
-        help="echo: messages in flight per connection (default 1)",
+        help="echo, task: messages (tasks) in flight per connection (default 1)",
     )
     p.add_argument(
         "--max-inflight",
@@ -89,7 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="unacknowledged messages per sender (default 32)",
     )
-    p.add_argument("--size", type=int, default=64, help="payload padding bytes (default 64)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help="payload padding bytes; task process_data: numbers per job (default 64)",
+    )
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        default="noop",
+        help="task: the built-in task each job runs (default noop)",
+    )
     p.add_argument(
         "--raw",
         action="store_true",
@@ -149,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_DEFAULT_CONNECTIONS = {"connect": 1000, "echo": 50, "fanout": 100, "broadcast": 20, "private": 100}
+_DEFAULT_CONNECTIONS = {
+    "connect": 1000,
+    "echo": 50,
+    "fanout": 100,
+    "broadcast": 20,
+    "private": 100,
+    "task": 20,
+}
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -207,6 +225,7 @@ def _plan(args: argparse.Namespace, url: str) -> RunPlan:
         publishers=args.publishers,
         max_inflight=args.max_inflight,
         size=args.size,
+        task=args.task,
         raw=args.raw,
         welcome=not args.no_welcome,
         connect_timeout=args.connect_timeout,

@@ -14,6 +14,7 @@ the echo probe has a type of the bench's own, which the chat app echoes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import time
 from collections import Counter
@@ -79,6 +80,17 @@ def echo_template(plan: RunPlan) -> bytes:
     return b'{"type":' + orjson.dumps(PROBE_TYPE) + b"," + body[1:]
 
 
+def task_template(plan: RunPlan) -> bytes:
+    """Every job of the task scenario: a `task` message whose data is the probe payload,
+    a %-template (src, seq, ts) that noop returns whole; or, for process_data, the same
+    `size` numbers in every job (no template)."""
+    if plan.task == "noop":
+        data = _payload_template(plan.size)
+    else:
+        data = b'{"numbers":[' + b",".join(b"%d" % n for n in range(plan.size)) + b"]}"
+    return b'{"type":"task","task":' + orjson.dumps(plan.task) + b',"data":' + data + b"}"
+
+
 def stream_message(plan: RunPlan, index: int) -> StreamMessage:
     """What sender ``index`` of ``plan``'s stream scenario sends, with a stand-in payload."""
     if plan.scenario == "fanout":
@@ -123,6 +135,12 @@ def check_templates(plan: RunPlan) -> None:
             expected = {"type": PROBE_TYPE, **expected}
         if sample != expected:
             raise ValueError(f"echo probe template decodes to {sample!r}")
+    elif plan.scenario == "task":
+        template = task_template(plan)
+        sample = orjson.loads(template % (src, seq, ts) if plan.task == "noop" else template)
+        schema.check_client_message(sample)
+        if plan.task == "noop" and sample["data"] != _payload(plan, src, seq, ts):
+            raise ValueError(f"task template decodes to {sample!r}")
     elif plan.scenario in ("fanout", "broadcast", "private"):
         src = plan.senders()[0]
         sample = orjson.loads(stream_template(plan, src) % (src, seq, ts))
@@ -251,6 +269,79 @@ class EchoDriver(Driver):
 
     def report(self) -> DriverReport:
         self.result.unanswered = sum(len(v) for v in self._inflight.values())
+        return super().report()
+
+
+class TaskDriver(Driver):
+    """Each connection keeps ``pipeline`` jobs in flight; each job's result must come
+    back once, to the connection that dispatched it, and be right.
+
+    Latency is from the `task` message to its `task_result`: the whole path, through the
+    WebSocket worker, Redis, a task process, Redis again and the worker.
+    """
+
+    def __init__(self, plan: RunPlan, clients: dict[int, Client], meter: Meter) -> None:
+        super().__init__(plan, clients, meter)
+        self._template = task_template(plan)
+        self._formatted = plan.task == "noop"
+        self._next = dict.fromkeys(clients, 0)
+        # Sent, not yet dispatched (the server answers a connection's jobs in order).
+        self._sent: dict[int, collections.deque[tuple[int, int]]] = {
+            i: collections.deque() for i in clients
+        }
+        self._dispatched: dict[str, tuple[int, int]] = {}
+
+    def start(self) -> None:
+        super().start()
+        for client in self.clients.values():
+            for _ in range(self.plan.pipeline):
+                self._send(client)
+
+    def _send(self, client: Client) -> None:
+        index = client.index
+        seq = self._next[index]
+        self._next[index] = seq + 1
+        now = time.monotonic_ns()
+        self._sent[index].append((seq, now))
+        client.send(self._template % (index, seq, now) if self._formatted else self._template)
+        self.meter.on_send(now)
+
+    def on_message(self, client: Client, payload: bytes) -> None:
+        now = time.monotonic_ns()
+        message: schema.ServerMessage | None = self._decode(payload)
+        if message is None:
+            return
+        kind = message.get("type")
+        if kind == "task_dispatched":
+            sent = self._sent[client.index]
+            if not sent:
+                self.result.mismatches += 1
+                return
+            self._dispatched[str(message.get("task_id"))] = sent.popleft()
+        elif kind == "task_result":
+            sent_seq = self._dispatched.pop(str(message.get("task_id")), None)
+            if sent_seq is None or not self._right(client, sent_seq, message.get("result")):
+                self.result.mismatches += 1
+                return
+            self.meter.on_receive(now, sent_seq[1])
+            if self.sending:
+                self._send(client)
+        elif kind in ("task_failed", "error"):
+            error = message.get("error") if kind == "task_failed" else message
+            self.result.server_errors[str(error)] += 1
+
+    def _right(self, client: Client, sent: tuple[int, int], result: Any) -> bool:
+        if not isinstance(result, dict):
+            return False
+        if self.plan.task == "noop":
+            return bool(result == _payload(self.plan, client.index, sent[0], sent[1]))
+        return bool(result.get("count") == self.plan.size)
+
+    def _complete(self, sent_totals: dict[int, int]) -> bool:
+        return not self._dispatched and not any(self._sent.values())
+
+    def report(self) -> DriverReport:
+        self.result.unanswered = len(self._dispatched) + sum(len(s) for s in self._sent.values())
         return super().report()
 
 
@@ -387,4 +478,5 @@ DRIVERS: dict[str, type[Driver]] = {
     "fanout": StreamDriver,
     "broadcast": StreamDriver,
     "private": StreamDriver,
+    "task": TaskDriver,
 }

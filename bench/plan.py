@@ -12,7 +12,8 @@ import secrets
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-SCENARIOS = ("connect", "echo", "fanout", "broadcast", "private")
+SCENARIOS = ("connect", "echo", "fanout", "broadcast", "private", "task")
+TASKS = ("noop", "process_data")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class RunPlan:
     publishers: int = 1
     max_inflight: int = 32
     size: int = 64
+    task: str = "noop"
     raw: bool = False
     welcome: bool = True
     connect_timeout: float = 10.0

@@ -184,6 +184,39 @@ class AppConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class SmtpConfig(_Section):
+    """Where the built-in `send_email` task sends mail."""
+
+    host: str = "localhost"
+    port: Port = 25
+    starttls: bool = False
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    password_env: str | None = None
+    from_address: str = "shoal@localhost"
+    timeout: PositiveFloat = 10.0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SmtpConfig:
+        if self.starttls and self.tls:
+            raise ValueError(
+                "starttls and tls exclude each other: tls is SMTP over TLS "
+                "from the first byte (port 465), starttls upgrades (port 587)"
+            )
+        if self.password is not None and self.password_env is not None:
+            raise ValueError("give password or password_env, not both")
+        if self.password_env is not None and self.password_env not in os.environ:
+            raise ValueError(f"password_env: the environment has no {self.password_env}")
+        return self
+
+    def secret(self) -> str | None:
+        """The password, from the config or from the environment variable it names."""
+        if self.password_env is not None:
+            return os.environ[self.password_env]
+        return self.password
+
+
 class TasksConfig(_Section):
     """The task pool (Swoole's task workers): slow jobs off the WebSocket workers."""
 
@@ -197,6 +230,7 @@ class TasksConfig(_Section):
     max_pending: PositiveInt = 10_000
     result_ttl: Annotated[float, Field(ge=1.0)] = 3600.0
     nice: Annotated[int, Field(ge=0, le=19)] = 10
+    smtp: SmtpConfig = Field(default_factory=SmtpConfig)
 
     @field_validator("modules")
     @classmethod

@@ -53,6 +53,7 @@ class TaskContext:
         attempt: 1 for the first run, then 2, 3... (retries and runs after a crash).
         emitter: reaches clients through the workers' Redis bus (rooms, users,
             everyone), as `shoal.core.emitter.AsyncEmitter` does from any process.
+        config: the node's `tasks` configuration section, as a dict (`smtp` included).
     """
 
     task_id: str
@@ -61,6 +62,7 @@ class TaskContext:
     conn_id: str
     attempt: int
     emitter: AsyncEmitter
+    config: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

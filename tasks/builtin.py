@@ -2,6 +2,9 @@
 
 - `process_data`: statistics over a list of numbers (`{"numbers": [...]}`), computed in
   the task process: count, sum, mean, median, standard deviation, min and max.
+- `noop`: returns its data unchanged (health checks, and `shoal-bench task`).
+- `send_email`: an email over SMTP to `tasks.smtp` (`{"to", "subject", "body"}`); a
+  connection refused, a timeout or a server that hung up is retried, a refusal is not.
 - `broadcast_delayed`: waits `delay` seconds (at most an hour), then sends `message` to
   every connection of every node.
 """
@@ -9,12 +12,33 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import statistics
+from email.message import EmailMessage
+from email.utils import make_msgid
 from typing import Any
+
+import aiosmtplib
 
 from shoal.core.task import TaskContext, task
 
 _MAX_DELAY = 3600.0
+_MAX_RECIPIENTS = 100
+_MAX_BODY = 1_000_000
+# One address, no display name, no line break (a header injection).
+_ADDRESS = re.compile(r"[^@\s<>,;]{1,64}@[^@\s<>,;]{1,255}")
+_HEADER = re.compile(r"[^\r\n]{0,998}")
+_TRANSIENT_SMTP = (
+    aiosmtplib.SMTPConnectError,
+    aiosmtplib.SMTPServerDisconnected,
+    aiosmtplib.SMTPTimeoutError,
+    ConnectionError,
+)
+
+
+@task("noop")
+async def noop(ctx: TaskContext, data: Any) -> Any:
+    return data
 
 
 @task("process_data")
@@ -51,3 +75,46 @@ async def broadcast_delayed(ctx: TaskContext, data: Any) -> dict[str, Any]:
     payload = message if isinstance(message, dict) else {"type": "broadcast", "message": message}
     workers = await ctx.emitter.to_all().send(payload)
     return {"delivered_to_workers": workers}
+
+
+@task("send_email", retry_on=_TRANSIENT_SMTP)
+async def send_email(ctx: TaskContext, data: Any) -> dict[str, Any]:
+    """Send `{"to": ..., "subject": ..., "body": ...}` through `tasks.smtp`."""
+    if not isinstance(data, dict):
+        raise ValueError("data must be an object with to, subject and body")
+    recipients = data.get("to")
+    if isinstance(recipients, str):
+        recipients = [recipients]
+    if (
+        not isinstance(recipients, list)
+        or not 0 < len(recipients) <= _MAX_RECIPIENTS
+        or not all(isinstance(r, str) and _ADDRESS.fullmatch(r) for r in recipients)
+    ):
+        raise ValueError(f"data.to must be 1 to {_MAX_RECIPIENTS} email addresses")
+    subject, body = data.get("subject"), data.get("body")
+    if not isinstance(subject, str) or not _HEADER.fullmatch(subject):
+        raise ValueError("data.subject must be one line of text, at most 998 characters")
+    if not isinstance(body, str) or len(body) > _MAX_BODY:
+        raise ValueError(f"data.body must be text of at most {_MAX_BODY} characters")
+    smtp = ctx.config["smtp"]
+    message = EmailMessage()
+    message["From"] = smtp["from_address"]
+    message["To"] = ", ".join(recipients)
+    message["Subject"] = subject
+    message["Message-ID"] = make_msgid(idstring=ctx.task_id)
+    message.set_content(body)
+    refused, reply = await aiosmtplib.send(
+        message,
+        hostname=smtp["host"],
+        port=smtp["port"],
+        username=smtp["username"],
+        password=smtp["password"],
+        start_tls=smtp["starttls"],
+        use_tls=smtp["tls"],
+        timeout=smtp["timeout"],
+    )
+    return {
+        "message_id": message["Message-ID"],
+        "accepted": [r for r in recipients if r not in refused],
+        "reply": reply,
+    }

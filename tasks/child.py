@@ -44,6 +44,7 @@ class _Child(asyncio.Protocol):
         self.unpacker = msgpack.Unpacker()
         self.tasks: dict[str, task_api.Registered] = {}
         self.emitter: AsyncEmitter | None = None
+        self.config: dict[str, Any] = {}
         self.running: set[asyncio.Task[None]] = set()
 
     def data_received(self, data: bytes) -> None:
@@ -72,6 +73,7 @@ class _Child(asyncio.Protocol):
             os.nice(settings["nice"])
         self.tasks = task_api.load(settings["modules"])
         self.emitter = AsyncEmitter(settings["redis_url"], settings["prefix"])
+        self.config = settings["config"]
 
     async def _run(  # noqa: PLR0917 - the fields of one JOB message, in order
         self, task_id: str, name: str, data: bytes, user: str, conn: str, attempt: int
@@ -85,7 +87,9 @@ class _Child(asyncio.Protocol):
         registered = self.tasks.get(name)
         if registered is None or self.emitter is None:
             return False, jobs.pack(jobs.error("UnknownTask", f"Unknown task: {name}")), False
-        context = task_api.TaskContext(task_id, name, user, conn, attempt, self.emitter)
+        context = task_api.TaskContext(
+            task_id, name, user, conn, attempt, self.emitter, self.config
+        )
         try:
             value = await _call(registered, context, jobs.unpack(data))
             return True, jobs.pack(value), False

@@ -107,6 +107,14 @@ class Pool:
             "log_level": config.log.level,
             "log_format": config.log.format,
             "sys_path": list(sys.path),
+            # Through the child's input, not its command line or environment.
+            "config": {
+                **config.tasks.model_dump(mode="json"),
+                "smtp": {
+                    **config.tasks.smtp.model_dump(mode="json"),
+                    "password": config.tasks.smtp.secret(),
+                },
+            },
         }
         self.children: list[_Child] = []
         self.keepers: set[asyncio.Task[None]] = set()

@@ -53,6 +53,12 @@ class Tasks:
         self.limit = limit
         self.waiters: dict[str, list[asyncio.Future[jobs.Outcome]]] = {}
         self.on_outcome: OnOutcome | None = None
+        # A job's outcome comes back on the bus, another Redis connection than the one
+        # its dispatch went on: it may arrive before the dispatch's reply. Outcomes for a
+        # connection with a dispatch in flight are held until that dispatch returned, so
+        # that a client reads `task_dispatched` before the `task_result` it announces.
+        self.dispatching: dict[str, int] = {}
+        self.held: dict[str, list[jobs.Outcome]] = {}
 
     async def dispatch(self, conn_id: str, user_id: str, name: str, data: Any) -> str:
         """Queue a job for the task pools; return its task id at once.
@@ -67,9 +73,15 @@ class Tasks:
             packed = jobs.pack(data)
         except TypeError as exc:
             raise TaskRefused(f"Task data {exc}") from exc
-        task_id = await self.redis.execute(
-            *jobs.dispatch(self.keys, name, packed, conn=conn_id, user=user_id, limit=self.limit)
-        )
+        self.dispatching[conn_id] = self.dispatching.get(conn_id, 0) + 1
+        try:
+            task_id = await self.redis.execute(
+                *jobs.dispatch(
+                    self.keys, name, packed, conn=conn_id, user=user_id, limit=self.limit
+                )
+            )
+        finally:
+            self._dispatched(conn_id)
         if task_id is None:
             raise TaskRefused(
                 f"Task queue full ({self.limit} tasks pending, tasks.max_pending); try later"
@@ -149,9 +161,28 @@ class Tasks:
             for waiter in self.waiters.pop(item.task_id, ()):
                 if not waiter.done():
                     waiter.set_result(outcome)
-            if self.on_outcome is not None:
-                for cid in item.target:
+            for cid in item.target:
+                if cid in self.dispatching:
+                    self.held.setdefault(cid, []).append(outcome)
+                elif self.on_outcome is not None:
                     self.on_outcome(cid, outcome)
+
+    def _dispatched(self, conn_id: str) -> None:
+        left = self.dispatching[conn_id] - 1
+        if left:
+            self.dispatching[conn_id] = left
+            return
+        del self.dispatching[conn_id]
+        if conn_id in self.held:
+            # After the caller's next step, which announces the dispatch.
+            asyncio.get_running_loop().call_soon(self._release, conn_id)
+
+    def _release(self, conn_id: str) -> None:
+        if conn_id in self.dispatching:
+            return  # another dispatch went out meanwhile: it releases them
+        for outcome in self.held.pop(conn_id, ()):
+            if self.on_outcome is not None:
+                self.on_outcome(conn_id, outcome)
 
     async def close(self) -> None:
         await self.redis.close()

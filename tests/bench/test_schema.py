@@ -22,7 +22,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from shoal.bench.client import server_type
-from shoal.bench.drivers import check_templates, echo_template, stream_template
+from shoal.bench.drivers import check_templates, echo_template, stream_template, task_template
 from shoal.bench.nullserver import start_null_server
 from shoal.bench.plan import SCENARIOS, RunPlan
 from shoal.core import schema
@@ -65,6 +65,15 @@ def test_templates_pass_the_set_up_check(scenario: str) -> None:
     check_templates(_plan(scenario))
     if scenario == "echo":
         check_templates(_plan(scenario, raw=True))
+
+
+def test_task_jobs_are_schema_messages() -> None:
+    noop = task_template(_plan("task")) % (0, 7, 9)
+    assert noop == b'{"type":"task","task":"noop","data":' + _PAYLOAD + b"}"
+    plan = RunPlan("task", "ws://127.0.0.1:1/ws", 4, 1, size=3, task="process_data")
+    crunch = orjson.loads(task_template(plan))
+    assert crunch == {"type": "task", "task": "process_data", "data": {"numbers": [0, 1, 2]}}
+    check_templates(plan)
 
 
 def test_names_are_json_not_format_directives() -> None:

@@ -55,3 +55,15 @@ def test_echo_and_connect_against_shoal(tmp_path: Path, shoal: Shoal) -> None:
     assert run["server"]["memory_per_connection_kib"]["rss"] is not None  # type: ignore[index]
     # They were all closed again, and shoal forgot them.
     wait_until(lambda: shoal.health()["connections"] == 0, 5, "connections to close")  # type: ignore[index]
+
+
+@pytest.mark.parametrize("task", ["noop", "process_data"])
+def test_tasks_against_shoal_come_back_each_once_and_right(
+    tmp_path: Path, shoal: Shoal, task: str
+) -> None:
+    """The chat app's default pool runs the jobs; each result matches its job."""
+    run = _run(tmp_path, "task", "--url", shoal.url(), "-c", "4", "--pipeline", "2",
+               "--task", task)  # fmt: skip
+    assert run["integrity"]["mismatches"] == 0  # type: ignore[index]
+    assert run["integrity"]["unanswered"] == 0  # type: ignore[index]
+    assert run["traffic"]["received"] > 0  # type: ignore[index]

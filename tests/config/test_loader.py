@@ -73,6 +73,19 @@ def test_app_settings_are_kept_for_the_application(tmp_path: Path) -> None:
             "buffer_output_size (1000) must be at least max_message_size",
         ),
         ("server:\n  close_timeout: 20\n", "close_timeout (20) must be less than shutdown_timeout"),
+        (
+            "tasks:\n  modules: [my-tasks]\n",
+            "tasks.modules: 'my-tasks' is not a module import string",
+        ),
+        ("tasks:\n  nice: 20\n", "tasks.nice: Input should be less than or equal to 19"),
+        (
+            "tasks:\n  smtp:\n    tls: true\n    starttls: true\n",
+            "tasks.smtp: starttls and tls exclude each other",
+        ),
+        (
+            "tasks:\n  smtp:\n    password_env: SHOAL_TEST_NO_SUCH_VARIABLE\n",
+            "password_env: the environment has no SHOAL_TEST_NO_SUCH_VARIABLE",
+        ),
         ("- a list\n", "the top level must be a mapping"),
         ("server: [\n", "invalid YAML"),
     ],

@@ -4,6 +4,7 @@ a plain `websockets` client speaking the chat protocol, and `kill -9` mid-job.""
 from __future__ import annotations
 
 import asyncio
+import email
 import os
 import signal
 import subprocess
@@ -15,8 +16,19 @@ from typing import Any
 import pytest
 import redis
 import yaml
+from aiosmtpd.controller import Controller
 
-from support import SCALE, SHOAL, Client, RedisServer, Shoal, client, wait_until
+from support import (
+    FAST_REDIS,
+    SCALE,
+    SHOAL,
+    Client,
+    RedisServer,
+    Shoal,
+    client,
+    free_port,
+    wait_until,
+)
 
 # Test tasks: `slow` sleeps, then says which attempt finished it; `flaky` fails with a
 # retryable error until its third attempt.
@@ -163,13 +175,20 @@ async def test_a_task_running_past_its_timeout_fails_with_task_timeout(node: Sho
         assert (await ann.expect("task_result", timeout=20))["result"]["attempt"] == 1
 
 
-async def test_the_result_reaches_the_user_after_they_reconnected(node: Shoal) -> None:
+async def test_the_result_reaches_the_user_after_they_reconnected_to_another_worker(
+    node: Shoal,
+) -> None:
     async with client(node.url("ann")) as ann:
+        first = ann.worker
         task_id = await dispatch(ann, "slow", {"seconds": 1.5})
-    async with client(node.url("ann")) as again:
-        result = await again.expect("task_result", timeout=20)
-        assert result["task_id"] == task_id
-        assert result["result"] == {"attempt": 1, "user": "ann"}
+    while True:  # SO_REUSEPORT picks the worker: reconnect until another one has ann
+        async with client(node.url("ann")) as again:
+            if again.worker == first:
+                continue
+            result = await again.expect("task_result", timeout=20)
+            assert result["task_id"] == task_id
+            assert result["result"] == {"attempt": 1, "user": "ann"}
+            return
 
 
 async def test_killing_every_task_process_mid_job_still_gives_exactly_one_result(
@@ -336,6 +355,77 @@ async def test_sigterm_lets_a_running_job_finish_and_records_its_outcome(
     prefix = settings["redis"]["prefix"]
     assert store.hget(f"{prefix}:task:{task_id}", "state") == b"done"
     assert store.xlen(f"{prefix}:tasks") == 0
+
+
+async def test_redis_restarted_empty_mid_job_loses_neither_the_result_nor_the_pool(
+    tmp_path: Path, task_module: Path, own_redis: RedisServer, prefix: str
+) -> None:
+    """The running job's outcome is recorded and delivered once Redis is back (the
+    workers write their connections back); the queue, lost with Redis, is made again by
+    the next dispatch, and the pool takes from it."""
+    settings = {
+        "server": {"worker_num": 2},
+        "redis": {"url": own_redis.url, "prefix": prefix, **FAST_REDIS},
+    }
+    node = Shoal(tmp_path, tasks_settings(settings)).start(app_path=task_module)
+    try:
+        async with client(node.url("ann")) as ann:
+            task_id = await dispatch(ann, "slow", {"seconds": 2})
+            status = await ann.request({"type": "task_status", "task_id": task_id}, "task_status")
+            await eventually_running(ann, task_id, status)
+            own_redis.stop()
+            own_redis.start()  # empty
+            result = await ann.expect("task_result", timeout=30)
+            assert result["task_id"] == task_id
+            again = await dispatch(ann, "slow", {"seconds": 0})
+            result = await ann.expect("task_result", timeout=30)
+            assert result["task_id"] == again
+            await ann.silent(1)
+    finally:
+        node.stop()
+
+
+class Mailbox:
+    """An aiosmtpd handler keeping every message it is given."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return "250 OK"
+
+
+async def test_send_email_delivers_a_real_message_over_smtp(
+    tmp_path: Path, settings: dict[str, Any], task_module: Path
+) -> None:
+    mailbox = Mailbox()
+    port = free_port()
+    smtpd = Controller(mailbox, hostname="127.0.0.1", port=port)
+    smtpd.start()
+    smtp = {"host": "127.0.0.1", "port": port, "from_address": "noreply@shoal.test"}
+    node = Shoal(tmp_path, tasks_settings(settings, smtp=smtp)).start(app_path=task_module)
+    try:
+        async with client(node.url("ann")) as ann:
+            data = {"to": "bo@example.com", "subject": "Hello", "body": "From a task.\n"}
+            task_id = await dispatch(ann, "send_email", data)
+            result = await ann.expect("task_result", timeout=20)
+            assert result["task_id"] == task_id
+            assert result["result"]["accepted"] == ["bo@example.com"]
+            [(sender, recipients, content)] = mailbox.messages
+            assert (sender, recipients) == ("noreply@shoal.test", ["bo@example.com"])
+            mail = email.message_from_bytes(content)
+            assert (mail["Subject"], mail["To"]) == ("Hello", "bo@example.com")
+            assert mail["Message-ID"] == result["result"]["message_id"]
+            assert str(mail.get_payload()).replace("\r\n", "\n") == "From a task.\n"  # SMTP: CRLF
+            # A header injection is refused before anything is sent.
+            await dispatch(ann, "send_email", {**data, "subject": "Hi\r\nBcc: eve@x.y"})
+            failed = await ann.expect("task_failed", timeout=20)
+            assert failed["error"]["type"] == "ValueError"
+            assert len(mailbox.messages) == 1
+    finally:
+        node.stop()
+        smtpd.stop()
 
 
 def test_shoal_tasks_refuses_the_embedded_redis(tmp_path: Path) -> None:
