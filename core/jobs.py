@@ -184,6 +184,27 @@ def renew(keys: Keys, consumer: str, task_ids: list[str]) -> Command:
     return ("XCLAIM", keys.tasks, GROUP, consumer, 0, *task_ids, "JUSTID")
 
 
+def hand_back(keys: Keys, consumer: str, task_ids: list[str], idle_ms: int) -> Command:
+    """Make running jobs look abandoned (idle for `idle_ms`): the next reclaim of any
+    pool takes them at once. For a pool that stops before they finished."""
+    return ("XCLAIM", keys.tasks, GROUP, consumer, 0, *task_ids, "IDLE", idle_ms, "JUSTID")
+
+
+# Leave the group, unless a job is still pending in this consumer's name (deleting the
+# consumer would drop it from the pending list, and nobody would run it again).
+_LEAVE = (
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
+    "local mine = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) "
+    "if #mine > 0 then return 0 end "
+    "return redis.pcall('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])"
+)
+
+
+def leave(keys: Keys, consumer: str) -> Command:
+    """Remove `consumer` from the group if it holds no job (a pool that stops cleanly)."""
+    return ("EVAL", _LEAVE, 1, keys.tasks, GROUP, consumer)
+
+
 def start(keys: Keys, task_id: str, ttl: float) -> list[Command]:
     """Count an attempt; the first reply is its number."""
     record = keys.task(task_id)

@@ -144,21 +144,21 @@ class Consumer:
 
     async def drain(self, grace: float) -> None:
         """Let running jobs finish within `grace` seconds; hand the others back to the
-        queue (any pool may take them at once), then close."""
+        queue (any pool may take them at once), leave the group if nothing is left in
+        this consumer's name, then close."""
+        unfinished: set[asyncio.Task[None]] = set()
         if self.running:
             _, unfinished = await asyncio.wait(list(self.running.values()), timeout=grace)
+        with contextlib.suppress(ServiceUnavailable):
             if unfinished:
                 ids = [tid for tid, job in self.running.items() if job in unfinished]
                 logger.warning("handing %d unfinished tasks back to the queue", len(ids))
                 for job in unfinished:
                     job.cancel()
-                # Idle for a long time already: the next reclaim anywhere takes them.
-                idle = int(self.config.visibility_timeout * 1000) + 1
-                with contextlib.suppress(ServiceUnavailable):
-                    await self.redis.execute(
-                        "XCLAIM", self.keys.tasks, jobs.GROUP, self.name, 0, *ids,
-                        "IDLE", idle, "JUSTID",
-                    )  # fmt: skip
+                idle_ms = int(self.config.visibility_timeout * 1000) + 1
+                await self.redis.execute(*jobs.hand_back(self.keys, self.name, ids, idle_ms))
+            else:
+                await self.redis.execute(*jobs.leave(self.keys, self.name))
         await self.redis.close()
         await self.reader.close()
 

@@ -274,8 +274,10 @@ async def test_a_shoal_tasks_node_runs_jobs_dispatched_from_a_serve_node(
             os.killpg(pool.pid, signal.SIGKILL)
         log.close()
         web.stop()
-    stream = redis.Redis.from_url(redis_server.url).xlen(f"{settings['redis']['prefix']}:tasks")
-    assert stream == 0  # every finished job left the queue
+    store = redis.Redis.from_url(redis_server.url)
+    queue = f"{settings['redis']['prefix']}:tasks"
+    assert store.xlen(queue) == 0  # every finished job left the queue
+    assert store.xinfo_consumers(queue, "tasks") == []  # the stopped pool left the group
 
 
 # An application on the task API: taskwait, taskWaitMulti and onFinish.
