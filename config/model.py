@@ -230,6 +230,7 @@ class TasksConfig(_Section):
     max_pending: PositiveInt = 10_000
     result_ttl: Annotated[float, Field(ge=1.0)] = 3600.0
     nice: Annotated[int, Field(ge=0, le=19)] = 10
+    sched_idle: bool = True
     smtp: SmtpConfig = Field(default_factory=SmtpConfig)
 
     @field_validator("modules")

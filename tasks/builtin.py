@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import statistics
 from email.message import EmailMessage
-from email.utils import make_msgid
+from email.utils import parseaddr
 from typing import Any
 
 import aiosmtplib
@@ -101,7 +102,9 @@ async def send_email(ctx: TaskContext, data: Any) -> dict[str, Any]:
     message["From"] = smtp["from_address"]
     message["To"] = ", ".join(recipients)
     message["Subject"] = subject
-    message["Message-ID"] = make_msgid(idstring=ctx.task_id)
+    # The task id and a random part: unique, and short enough never to be folded.
+    domain = parseaddr(smtp["from_address"])[1].rpartition("@")[2] or "localhost"
+    message["Message-ID"] = f"<{ctx.task_id}.{secrets.token_hex(8)}@{domain}>"
     message.set_content(body)
     refused, reply = await aiosmtplib.send(
         message,

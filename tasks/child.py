@@ -69,6 +69,10 @@ class _Child(asyncio.Protocol):
         logs.setup(settings["log_level"], settings["log_format"])
         logs.set_role("task process")
         sys.path[:] = settings["sys_path"]
+        if settings["sched_idle"] and hasattr(os, "SCHED_IDLE"):
+            # Linux: a WebSocket worker that wakes preempts this process at once, where
+            # a nice value only lowers its share of the CPU.
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         if settings["nice"]:
             os.nice(settings["nice"])
         self.tasks = task_api.load(settings["modules"])

@@ -104,6 +104,7 @@ class Pool:
             "redis_url": redis_url,
             "prefix": config.redis.prefix,
             "nice": config.tasks.nice,
+            "sched_idle": config.tasks.sched_idle,
             "log_level": config.log.level,
             "log_format": config.log.format,
             "sys_path": list(sys.path),

@@ -116,6 +116,17 @@ async def dispatch(c: Client, task: str, data: Any) -> str:
     return str(reply["task_id"])
 
 
+def test_task_processes_run_below_the_websocket_workers(node: Shoal) -> None:
+    """tasks.nice and, on Linux, SCHED_IDLE: a waking worker preempts a busy task process."""
+    pids = wait_until(lambda: len(task_processes()) == 2 and task_processes(), 20, "2 processes")
+    for pid in pids:
+        wait_until(lambda p=pid: os.getpriority(os.PRIO_PROCESS, p) == 10, 10, "nice 10")
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+    for pid in node.worker_pids():
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 0
+        assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+
+
 async def test_a_task_result_comes_back_to_the_client_that_dispatched_it(node: Shoal) -> None:
     async with client(node.url("ann")) as ann:
         task_id = await dispatch(ann, "process_data", {"numbers": [1, 2, 3, 4]})
@@ -419,6 +430,7 @@ async def test_send_email_delivers_a_real_message_over_smtp(
             mail = email.message_from_bytes(content)
             assert (mail["Subject"], mail["To"]) == ("Hello", "bo@example.com")
             assert mail["Message-ID"] == result["result"]["message_id"]
+            assert mail["Message-ID"].startswith(f"<{task_id}.")
             assert str(mail.get_payload()).replace("\r\n", "\n") == "From a task.\n"  # SMTP: CRLF
             # A header injection is refused before anything is sent.
             await dispatch(ann, "send_email", {**data, "subject": "Hi\r\nBcc: eve@x.y"})
