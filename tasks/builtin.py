@@ -6,7 +6,8 @@
 - `send_email`: an email over SMTP to `tasks.smtp` (`{"to", "subject", "body"}`); a
   connection refused, a timeout or a server that hung up is retried, a refusal is not.
 - `broadcast_delayed`: waits `delay` seconds (at most an hour), then sends `message` to
-  every connection of every node.
+  every connection of every node, as the chat protocol's `broadcast` from the user who
+  dispatched the job.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import asyncio
 import re
 import secrets
 import statistics
+import time
 from email.message import EmailMessage
 from email.utils import parseaddr
 from typing import Any
 
 import aiosmtplib
 
+from shoal.core import protocol
 from shoal.core.task import TaskContext, task
 
 _MAX_DELAY = 3600.0
@@ -72,9 +75,14 @@ async def broadcast_delayed(ctx: TaskContext, data: Any) -> dict[str, Any]:
     ):
         raise ValueError(f"data.delay must be a number of seconds from 0 to {_MAX_DELAY:g}")
     await asyncio.sleep(delay)
-    message = data["message"]
-    payload = message if isinstance(message, dict) else {"type": "broadcast", "message": message}
-    workers = await ctx.emitter.to_all().send(payload)
+    # The chat protocol's own broadcast, from the user who dispatched the job.
+    broadcast = {
+        "type": "broadcast",
+        "from": ctx.user_id,
+        "message": data["message"],
+        "timestamp": protocol.timestamp(time.time()),
+    }
+    workers = await ctx.emitter.to_all().send(broadcast)
     return {"delivered_to_workers": workers}
 
 

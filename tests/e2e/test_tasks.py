@@ -26,6 +26,8 @@ from support import (
     RedisServer,
     Shoal,
     client,
+    clients_on_workers,
+    eventually,
     free_port,
     wait_until,
 )
@@ -49,6 +51,13 @@ TASKS = textwrap.dedent(
     async def slow(ctx: TaskContext, data: Any) -> dict[str, Any]:
         await asyncio.sleep(data["seconds"])
         return {"attempt": ctx.attempt, "user": ctx.user_id}
+
+
+    @task("first_run_hangs")
+    async def first_run_hangs(ctx: TaskContext, data: Any) -> int:
+        if ctx.attempt == 1:
+            await asyncio.sleep(600)
+        return ctx.attempt
 
 
     @task("spin", timeout=1)
@@ -396,6 +405,50 @@ async def test_redis_restarted_empty_mid_job_loses_neither_the_result_nor_the_po
             await ann.silent(1)
     finally:
         node.stop()
+
+
+async def test_broadcast_delayed_reaches_every_connection_later(node: Shoal) -> None:
+    """A task reaches clients through the workers' bus: everyone, on both workers."""
+    async with clients_on_workers(node, ["ann", "bo", "cy"]) as (ann, bo, cy):
+        task_id = await dispatch(ann, "broadcast_delayed", {"message": "hi", "delay": 0.5})
+        for c in (ann, bo, cy):
+            broadcast = await c.expect("broadcast", timeout=20)
+            assert (broadcast["from"], broadcast["message"]) == ("ann", "hi")
+        result = await ann.expect("task_result", timeout=20)
+        assert (result["task_id"], result["result"]) == (task_id, {"delivered_to_workers": 2})
+
+
+async def test_a_job_unfinished_at_stop_goes_back_to_the_queue_at_once(
+    tmp_path: Path, settings: dict[str, Any], task_module: Path, redis_server: RedisServer
+) -> None:
+    """SIGTERM: a job still running after the drain is handed back, and the next pool
+    takes it without waiting for the visibility timeout."""
+    stop = {"shutdown_timeout": 4, "close_timeout": 1}
+    slow_stop = {**settings, "server": {**settings["server"], **stop}}
+    first = Shoal(tmp_path / "a", tasks_settings(slow_stop, visibility_timeout=60))
+    first.start(app_path=task_module)
+    async with client(first.url("ann")) as ann:
+        task_id = await dispatch(ann, "first_run_hangs", None)
+        status = await ann.request({"type": "task_status", "task_id": task_id}, "task_status")
+        await eventually_running(ann, task_id, status)
+        first.signal(signal.SIGTERM)
+        assert first.wait(15) == 0
+    assert "handing 1 unfinished tasks back to the queue" in first.log()
+    second = Shoal(tmp_path / "b", tasks_settings(settings, visibility_timeout=60))
+    second.start(app_path=task_module)
+    try:
+        async with client(second.url("ann")) as ann:
+
+            async def ran_again() -> dict[str, Any] | None:
+                await ann.send({"type": "task_status", "task_id": task_id})
+                reply = await ann.recv()
+                return reply if reply["type"] == "task_result" else None
+
+            # Well within the visibility timeout (60 s): taken at once, not reclaimed.
+            reply = await eventually(ran_again, 10, "the handed-back job to run again")
+            assert reply["result"] == 2
+    finally:
+        second.stop()
 
 
 class Mailbox:
