@@ -212,14 +212,13 @@ class Driver:
         return message
 
 
-class EchoDriver(Driver):
-    """Each connection keeps ``pipeline`` messages in flight; replies must match."""
+class _Pipelined(Driver):
+    """Base of the closed-loop drivers: each connection keeps ``pipeline`` requests in
+    flight, and sends the next one when a reply came back."""
 
     def __init__(self, plan: RunPlan, clients: dict[int, Client], meter: Meter) -> None:
         super().__init__(plan, clients, meter)
-        self._template = echo_template(plan)
         self._next = dict.fromkeys(clients, 0)
-        self._inflight: dict[int, dict[int, int]] = {i: {} for i in clients}
 
     def start(self) -> None:
         super().start()
@@ -232,9 +231,25 @@ class EchoDriver(Driver):
         seq = self._next[index]
         self._next[index] = seq + 1
         now = time.monotonic_ns()
-        self._inflight[index][seq] = now
-        client.send(self._template % (index, seq, now))
+        client.send(self._request(index, seq, now))
         self.meter.on_send(now)
+
+    def _request(self, index: int, seq: int, now: int) -> bytes:
+        """Note request ``seq`` of connection ``index`` as sent; return its frame."""
+        raise NotImplementedError
+
+
+class EchoDriver(_Pipelined):
+    """Each connection keeps ``pipeline`` messages in flight; replies must match."""
+
+    def __init__(self, plan: RunPlan, clients: dict[int, Client], meter: Meter) -> None:
+        super().__init__(plan, clients, meter)
+        self._template = echo_template(plan)
+        self._inflight: dict[int, dict[int, int]] = {i: {} for i in clients}
+
+    def _request(self, index: int, seq: int, now: int) -> bytes:
+        self._inflight[index][seq] = now
+        return self._template % (index, seq, now)
 
     def on_message(self, client: Client, payload: bytes) -> None:
         now = time.monotonic_ns()
@@ -272,7 +287,7 @@ class EchoDriver(Driver):
         return super().report()
 
 
-class TaskDriver(Driver):
+class TaskDriver(_Pipelined):
     """Each connection keeps ``pipeline`` jobs in flight; each job's result must come
     back once, to the connection that dispatched it, and be right.
 
@@ -284,27 +299,15 @@ class TaskDriver(Driver):
         super().__init__(plan, clients, meter)
         self._template = task_template(plan)
         self._formatted = plan.task == "noop"
-        self._next = dict.fromkeys(clients, 0)
         # Sent, not yet dispatched (the server answers a connection's jobs in order).
         self._sent: dict[int, collections.deque[tuple[int, int]]] = {
             i: collections.deque() for i in clients
         }
         self._dispatched: dict[str, tuple[int, int]] = {}
 
-    def start(self) -> None:
-        super().start()
-        for client in self.clients.values():
-            for _ in range(self.plan.pipeline):
-                self._send(client)
-
-    def _send(self, client: Client) -> None:
-        index = client.index
-        seq = self._next[index]
-        self._next[index] = seq + 1
-        now = time.monotonic_ns()
+    def _request(self, index: int, seq: int, now: int) -> bytes:
         self._sent[index].append((seq, now))
-        client.send(self._template % (index, seq, now) if self._formatted else self._template)
-        self.meter.on_send(now)
+        return self._template % (index, seq, now) if self._formatted else self._template
 
     def on_message(self, client: Client, payload: bytes) -> None:
         now = time.monotonic_ns()

@@ -28,15 +28,14 @@ from dataclasses import dataclass
 import redis
 import uvloop
 
-from shoal.config.model import Config
 from shoal.core import loops
 from shoal.core.backoff import full_jitter
 from shoal.core.emitter import AsyncEmitter
 from shoal.core.errors import ServiceUnavailable
 from shoal.core.keys import Keys
+from shoal.core.placement import Placement as ChildPlacement
 from shoal.core.registry import Departure, Registry, connect
 from shoal.core.resp import Timeouts
-from shoal.core.scoreboard import Scoreboard
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +43,9 @@ _RedisFailure = (ServiceUnavailable, redis.RedisError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
-class Placement:
+class Placement(ChildPlacement):
     """What the master gives the housekeeper it forks."""
 
-    config: Config
-    seat: int
-    node_id: str
-    redis_url: str
-    scoreboard: Scoreboard
-    master_pid: int
     inbox: int
     """The read end of the master's pipe: one dead worker id per line."""
 

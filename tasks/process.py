@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import uvloop
 
-from shoal.config.model import Config
 from shoal.core import loops
 from shoal.core import task as task_api
 from shoal.core.errors import BootError
-from shoal.core.scoreboard import Scoreboard
+from shoal.core.placement import Placement as ChildPlacement
 from shoal.tasks.consumer import Consumer
 from shoal.tasks.pool import Pool
 
@@ -32,15 +31,9 @@ _STOP_MARGIN = 0.25
 
 
 @dataclass(frozen=True, slots=True)
-class Placement:
+class Placement(ChildPlacement):
     """What the master gives the task pool process it forks."""
 
-    config: Config
-    seat: int
-    node_id: str
-    redis_url: str
-    scoreboard: Scoreboard
-    master_pid: int
     processes: int
 
 
