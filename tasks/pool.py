@@ -8,9 +8,9 @@ every 5 ms to look for work, the parent every 5 ms for results and child deaths,
 docs/performance.md, a pool of two idle children cost 11 % of a core, and a no-op job
 13 ms from `apply()` to its result, which bounds two children of 16 jobs each to about
 2,500 jobs a second. A child killed mid-job also leaves that job's `apply()` waiting
-forever. Here every child has pipes of its own: the pool knows which jobs run where, a
-child's death is its pipe closing (the jobs it ran fail with `ChildDied` at once), and an
-idle pool sleeps.
+forever. Here every child has pipes of its own: the pool knows which jobs run where, it waits on
+each child, whose death fails the jobs it ran with `ChildDied` at once, and an idle pool
+sleeps.
 
 A job that runs past its timeout fails with `TaskTimeout`; when it is alone on its child,
 that child is killed (a sync function cannot be interrupted otherwise) and replaced.
