@@ -70,9 +70,11 @@ class Tasks(Protocol):
         """Results of the jobs that end within `timeout` (Swoole's `taskWaitMulti`): each
         result, or the `TaskFailed` of a job that failed; unfinished ones are left out."""
 
-    async def status(self, task_id: str) -> Status:
+    async def status(self, task_id: str, *, user: str | None = None) -> Status:
         """Where a job stands: queued, running, done or failed (with its outcome), or
-        unknown (never dispatched, or its outcome expired after `tasks.result_ttl`)."""
+        unknown (never dispatched, or its outcome expired after `tasks.result_ttl`).
+        With `user`, a job another user dispatched is unknown too: task ids follow the
+        clock, so a client asking for an id must not read someone else's result."""
 
 
 class Hub(Protocol):

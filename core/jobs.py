@@ -136,8 +136,15 @@ def status(keys: Keys, task_id: str) -> list[Command]:
     ]
 
 
-def parse_status(task_id: str, replies: list[Any]) -> Status:
+def parse_status(task_id: str, replies: list[Any], user: str | None = None) -> Status:
+    """The job's status; with `user`, "unknown" unless that user dispatched it (task
+    ids follow the clock: anyone could guess another user's)."""
     record = _pairs(replies[0])
+    if user is not None:
+        entry = replies[1][0][1] if replies[1] else []
+        owner = record.get("user", _pairs(entry).get("user"))
+        if owner is None or _text(owner) != user:
+            return Status(task_id, "unknown")
     state = _text(record.get("state", ""))
     if state in ("done", "failed"):
         outcome = Outcome(task_id, _text(record.get("name", b"")), state == "done",

@@ -88,15 +88,16 @@ class Tasks:
             )
         return task_id.decode() if isinstance(task_id, bytes) else str(task_id)
 
-    async def status(self, task_id: str) -> jobs.Status:
+    async def status(self, task_id: str, *, user: str | None = None) -> jobs.Status:
         """Where the job stands: queued, running, done or failed (with its outcome), or
-        unknown (never dispatched, or its outcome expired after `tasks.result_ttl`).
+        unknown (never dispatched, or its outcome expired after `tasks.result_ttl`;
+        with `user`, also when another user dispatched it).
 
         Raises:
             ServiceUnavailable: Redis failed.
         """
         replies = await self.redis.pipeline(jobs.status(self.keys, task_id))
-        return jobs.parse_status(task_id, replies)
+        return jobs.parse_status(task_id, replies, user)
 
     async def wait(self, task_id: str) -> Any:
         """Wait for the job's result (Swoole's `taskwait`); bound it with `asyncio.timeout()`.

@@ -147,9 +147,12 @@ async def test_a_task_result_comes_back_to_the_client_that_dispatched_it(node: S
             "result": {"count": 4, "sum": 10, "mean": 2.5, "median": 2.5,
                        "stdev": pytest.approx(1.118, abs=1e-3), "min": 1, "max": 4},
         }  # fmt: skip
-        # The outcome stays readable for tasks.result_ttl.
+        # The outcome stays readable for tasks.result_ttl, by its user alone.
         again = await ann.request({"type": "task_status", "task_id": task_id}, "task_result")
         assert again == result
+        async with client(node.url("bo")) as bo:
+            other = await bo.request({"type": "task_status", "task_id": task_id}, "task_status")
+            assert other == {"type": "task_status", "task_id": task_id, "state": "unknown"}
 
 
 async def test_a_failing_task_answers_a_typed_error_and_no_traceback(node: Shoal) -> None:

@@ -32,6 +32,17 @@ def test_status_reads_an_outcome_then_a_running_or_queued_job() -> None:
     assert jobs.parse_status("1-0", [[], []]).state == "unknown"
 
 
+def test_status_for_a_user_hides_the_jobs_of_others() -> None:
+    body = msgpack.packb(3)
+    done = [[b"state", b"done", b"body", body, b"name", b"add", b"user", b"ann"], []]
+    assert jobs.parse_status("1-0", done, "ann").state == "done"
+    assert jobs.parse_status("1-0", done, "bo").state == "unknown"
+    queued = [[], [[b"1-0", [b"name", b"add", b"user", b"ann"]]]]
+    assert jobs.parse_status("1-0", queued, "ann").state == "queued"
+    assert jobs.parse_status("1-0", queued, "bo").state == "unknown"
+    assert jobs.parse_status("1-0", [[], []], "ann").state == "unknown"
+
+
 def test_read_and_reclaim_replies_become_jobs_and_skip_deleted_entries() -> None:
     fields = [b"name", b"add", b"data", b"\x81\xa1a\x01", b"conn", b"w.1", b"user", b"ann"]
     job = jobs.Job("5-0", "add", b"\x81\xa1a\x01", "w.1", "ann")

@@ -253,7 +253,7 @@ async def task_status(conn: Connection, message: dict[str, Any]) -> None:
     task_id = protocol.field(message, "task_id")
     if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
         raise ProtocolError("Invalid task_id")
-    status = await conn.hub.tasks.status(task_id)
+    status = await conn.hub.tasks.status(task_id, user=conn.user_id)
     await conn.send(status.client_message())
 
 
