@@ -1,10 +1,10 @@
 """The task pool's side of the queue: take jobs from the Redis stream, run them in the
 pool, record and deliver each outcome once (see `shoal.core.jobs` for the guarantees).
 
-Three loops share one consumer name in the group: `_take` reads new jobs (a blocking
-XREADGROUP on a connection of its own, as arq does) while the pool has room; `_reclaim`
+Three loops share one consumer name in the group: `take` reads new jobs (a blocking
+XREADGROUP on a connection of its own, as arq does) while the pool has room; `reclaim`
 takes over jobs whose consumer stopped renewing them for `tasks.visibility_timeout` (a
-pool process that died); `_renew` renews the jobs running here, so that no other pool
+pool process that died); `renew` renews the jobs running here, so that no other pool
 takes over a long job that is alive.
 """
 
