@@ -212,6 +212,24 @@ def leave(keys: Keys, consumer: str) -> Command:
     return ("EVAL", _LEAVE, 1, keys.tasks, GROUP, consumer)
 
 
+def consumers(keys: Keys) -> Command:
+    """The group's consumers: the reply `parse_gone` reads."""
+    return ("XINFO", "CONSUMERS", keys.tasks, GROUP)
+
+
+def parse_gone(reply: list[Any], idle_ms: int, keep: str) -> list[str]:
+    """Consumers other than `keep`, silent for `idle_ms` and holding no job: what is left
+    of pools that died. (A live pool reads at least every second; one removed while it
+    idles is listed again at its next read.)"""
+    gone = []
+    for entry in reply:
+        fields = _pairs(entry)
+        name = _text(fields.get("name", b""))
+        if name != keep and fields.get("pending") == 0 and fields.get("idle", 0) > idle_ms:
+            gone.append(name)
+    return gone
+
+
 def start(keys: Keys, task_id: str, ttl: float) -> list[Command]:
     """Count an attempt; the first reply is its number."""
     record = keys.task(task_id)

@@ -1,7 +1,8 @@
 """The task pool's side of the queue: take jobs from the Redis stream, run them in the
 pool, record and deliver each outcome once (see `shoal.core.jobs` for the guarantees).
 
-Three loops share one consumer name in the group: `take` reads new jobs (a blocking
+Three loops share one consumer name in the group (a fourth, `tidy`, removes the names
+of pools that died): `take` reads new jobs (a blocking
 XREADGROUP on a connection of its own, as arq does) while the pool has room; `reclaim`
 takes over jobs whose consumer stopped renewing them for `tasks.visibility_timeout` (a
 pool process that died); `renew` renews the jobs running here, so that no other pool
@@ -127,6 +128,22 @@ class Consumer:
                         "took over task %s (%s): its consumer went silent", job.id, job.name
                     )
                     self._start(job)
+
+    async def tidy(self) -> None:
+        """Remove from the group what is left of pools that died (killed, or lost with
+        their machine) once nobody holds their jobs: otherwise each crash leaves one more
+        consumer in the group, forever."""
+        period = self.config.visibility_timeout
+        while True:
+            await asyncio.sleep(period)
+            try:
+                reply = await self.redis.execute(*jobs.consumers(self.keys))
+                gone = jobs.parse_gone(reply, int(2 * period * 1000), self.name)
+                if gone:
+                    await self.redis.pipeline([jobs.leave(self.keys, name) for name in gone])
+                    logger.info("removed %d consumers of task pools that died", len(gone))
+            except ServiceUnavailable as exc:  # no queue yet, or Redis away: next time
+                logger.debug("tidying the task group failed: %s", exc)
 
     async def renew(self) -> None:
         """Keep the jobs running here from being taken over."""

@@ -67,6 +67,7 @@ async def serve(placement: Placement) -> int:
         loop.create_task(consumer.take(), name="take"),
         loop.create_task(consumer.reclaim(), name="reclaim"),
         loop.create_task(consumer.renew(), name="renew"),
+        loop.create_task(consumer.tidy(), name="tidy"),
     ]
     status = 0 if await loops.until_stopped(stopping, background, "task pool") else 1
     consumer.stop_taking()

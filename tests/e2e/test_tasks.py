@@ -410,6 +410,26 @@ async def test_redis_restarted_empty_mid_job_loses_neither_the_result_nor_the_po
         node.stop()
 
 
+async def test_what_is_left_of_a_dead_pool_leaves_the_group(
+    node: Shoal, redis_server: RedisServer, prefix: str
+) -> None:
+    """A pool that died keeps its name in the consumer group; a live pool removes it
+    once it is silent and holds nothing (here within 2 x visibility_timeout + a period)."""
+    async with client(node.url("ann")) as ann:
+        await dispatch(ann, "noop", None)  # the first job makes the queue and its group
+        await ann.expect("task_result", timeout=20)
+    store = redis_server.client()
+    queue = f"{prefix}:tasks"
+    store.xgroup_createconsumer(queue, "tasks", "ghost")
+
+    def names() -> set[str]:
+        return {consumer["name"] for consumer in store.xinfo_consumers(queue, "tasks")}
+
+    assert "ghost" in names()
+    wait_until(lambda: "ghost" not in names(), 15, "the dead pool's name to go")
+    assert len(names()) == 1  # the live pool's own
+
+
 async def test_broadcast_delayed_reaches_every_connection_later(node: Shoal) -> None:
     """A task reaches clients through the workers' bus: everyone, on both workers."""
     async with clients_on_workers(node, ["ann", "bo", "cy"]) as (ann, bo, cy):

@@ -53,6 +53,16 @@ def test_read_and_reclaim_replies_become_jobs_and_skip_deleted_entries() -> None
     assert jobs.parse_reclaim([b"0-0", [[b"5-0", fields]], [b"4-0"]]) == [job]
 
 
+def test_gone_consumers_are_silent_hold_nothing_and_are_not_this_one() -> None:
+    reply = [
+        [b"name", b"dead", b"pending", 0, b"idle", 9000],
+        [b"name", b"holding", b"pending", 2, b"idle", 9000],
+        [b"name", b"idle-but-recent", b"pending", 0, b"idle", 100],
+        [b"name", b"me", b"pending", 0, b"idle", 9000, b"inactive", 9000],
+    ]
+    assert jobs.parse_gone(reply, 4000, keep="me") == ["dead"]
+
+
 def test_pack_refuses_what_msgpack_cannot_carry() -> None:
     with pytest.raises(TypeError, match="cannot be sent as msgpack"):
         jobs.pack({"when": object()})
