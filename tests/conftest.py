@@ -39,6 +39,9 @@ def settings(redis_server: RedisServer, prefix: str) -> dict[str, Any]:
         "server": {"worker_num": 2},
         "redis": {"url": redis_server.url, "prefix": prefix, **FAST_REDIS},
         "log": {"level": "info"},
+        # No task pool unless a test asks for one (tests/e2e/test_tasks.py): two Python
+        # processes starting with every node would only add load to tests of timing.
+        "tasks": {"task_worker_num": 0},
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,11 +60,15 @@ def test_echo_and_connect_against_shoal(tmp_path: Path, shoal: Shoal) -> None:
 
 @pytest.mark.parametrize("task", ["noop", "process_data"])
 def test_tasks_against_shoal_come_back_each_once_and_right(
-    tmp_path: Path, shoal: Shoal, task: str
+    tmp_path: Path, settings: dict[str, Any], task: str
 ) -> None:
-    """The chat app's default pool runs the jobs; each result matches its job."""
-    run = _run(tmp_path, "task", "--url", shoal.url(), "-c", "4", "--pipeline", "2",
-               "--task", task)  # fmt: skip
+    """A node with a task pool runs the jobs; each result matches its job."""
+    node = Shoal(tmp_path, {**settings, "tasks": {"task_worker_num": 2}}).start()
+    try:
+        run = _run(tmp_path, "task", "--url", node.url(), "-c", "4", "--pipeline", "2",
+                   "--task", task)  # fmt: skip
+    finally:
+        node.stop()
     assert run["integrity"]["mismatches"] == 0  # type: ignore[index]
     assert run["integrity"]["unanswered"] == 0  # type: ignore[index]
     assert run["traffic"]["received"] > 0  # type: ignore[index]
