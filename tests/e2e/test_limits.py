@@ -7,6 +7,7 @@ import base64
 import os
 import socket
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +80,20 @@ def masked_frame(payload: bytes) -> bytes:
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
-    tmp_path: Path, settings: dict[str, Any]
-) -> None:
-    """A client that stops reading is closed with 4000; the room's others keep receiving."""
+@pytest.fixture
+def tight_node(tmp_path: Path, settings: dict[str, Any]) -> Iterator[Shoal]:
+    """One worker whose clients may leave 256 KiB unread before they are cut off."""
     settings["server"].update(
         worker_num=1, buffer_output_size=256 * 1024, max_message_size=64 * 1024
     )
     node = Shoal(tmp_path, settings).start()
+    yield node
+    node.stop()
+
+
+async def test_slow_consumer_is_cut_off_while_others_keep_receiving(tight_node: Shoal) -> None:
+    """A client that stops reading is closed with 4000; the room's others keep receiving."""
+    node = tight_node
     slow: socket.socket | None = None
     try:
         # A client that joins a room, then never reads again, behind a small socket buffer.
@@ -124,18 +131,14 @@ async def test_slow_consumer_is_cut_off_while_others_keep_receiving(
     finally:
         if slow is not None:
             slow.close()
-        node.stop()
 
 
 async def test_a_client_that_floods_requests_and_never_reads_is_cut_off(
-    tmp_path: Path, settings: dict[str, Any]
+    tight_node: Shoal,
 ) -> None:
     """Replies to a read leave together after it: a client sending request after request
     without reading a reply is closed with 4000 once they pile up, not served forever."""
-    settings["server"].update(
-        worker_num=1, buffer_output_size=256 * 1024, max_message_size=64 * 1024
-    )
-    node = Shoal(tmp_path, settings).start()
+    node = tight_node
     flood: socket.socket | None = None
     try:
         flood = raw_websocket(node.port, "/ws?user_id=flood", rcvbuf=4096)
@@ -158,7 +161,6 @@ async def test_a_client_that_floods_requests_and_never_reads_is_cut_off(
     finally:
         if flood is not None:
             flood.close()
-        node.stop()
 
 
 async def test_frame_over_max_message_size_closes_with_1009(
