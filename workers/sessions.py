@@ -17,7 +17,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -308,18 +308,8 @@ class Sessions:
             payload = protocol.encode(outcome.client_message())
             conn.push(protocol.frame(payload), payload, True)
         else:
-            self.hub.spawn(self._run_task_result(handler, conn, outcome))
-
-    @staticmethod
-    async def _run_task_result(
-        handler: app_api.TaskResultHandler, conn: Connection, outcome: Outcome
-    ) -> None:
-        try:
-            await handler(conn, outcome)
-        except ServiceUnavailable:
-            logger.warning("redis unavailable in on_task_result for task %s", outcome.task_id)
-        except Exception:
-            logger.exception("on_task_result failed for task %s", outcome.task_id)
+            what = f"on_task_result for task {outcome.task_id}"
+            self.hub.spawn(_hook(handler(conn, outcome), what))
 
     # Departures the application tells
 
@@ -329,14 +319,15 @@ class Sessions:
         if handler is None:
             return
         for user, rooms in departed:
-            self.hub.spawn(self._run_departed(handler, user, rooms))
+            self.hub.spawn(_hook(handler(self.hub, user, rooms), f"on_departed for user {user}"))
 
-    async def _run_departed(
-        self, handler: app_api.DepartedHandler, user: str, rooms: list[str]
-    ) -> None:
-        try:
-            await handler(self.hub, user, rooms)
-        except ServiceUnavailable:
-            logger.warning("redis unavailable while telling the rooms of departed user %s", user)
-        except Exception:
-            logger.exception("on_departed failed for user %s", user)
+
+async def _hook(call: Awaitable[None], what: str) -> None:
+    """Run an application hook that belongs to no connection's order (`on_departed`,
+    `on_task_result`) as a background task: what it raises is logged, never lost."""
+    try:
+        await call
+    except ServiceUnavailable:
+        logger.warning("redis unavailable in %s", what)
+    except Exception:
+        logger.exception("%s failed", what)
