@@ -102,15 +102,9 @@ class Registry:
     async def ping(self) -> bool:
         return bool(await self.redis.execute("PING") == "PONG")
 
-    async def add_connection(self, snapshot: Snapshot) -> int:
-        """Record a new connection. Returns the number of distinct users now connected."""
-        results = await self.redis.pipeline(
-            [*self._write_connection(snapshot), ("HLEN", self.keys.users)]
-        )
-        return int(results[-1])
-
     def submit_connection(self, snapshot: Snapshot) -> asyncio.Future[list[Any]]:
-        """`add_connection()` for a caller that cannot wait: a future of the replies.
+        """Record a new connection: its commands leave at once, in one pipeline, and the
+        future gets their replies (a future and a callback, no task: the connect path).
 
         Raises:
             ServiceUnavailable: Redis cannot take the commands now.

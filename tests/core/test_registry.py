@@ -22,6 +22,12 @@ async def registries(
     await client.close()
 
 
+async def add(registry: Registry, record: Snapshot) -> int:
+    """Record a connection as a worker does; return the distinct users connected then."""
+    await registry.submit_connection(record)
+    return await registry.total_users()
+
+
 def snapshot(cid: str, user: str, rooms: tuple[str, ...] = ()) -> Snapshot:
     return Snapshot(cid=cid, user=user, addr="127.0.0.1:1", at=1, meta={"k": 1}, rooms=rooms)
 
@@ -29,9 +35,9 @@ def snapshot(cid: str, user: str, rooms: tuple[str, ...] = ()) -> Snapshot:
 async def test_connections_users_and_rooms(registries: tuple[Registry, Registry]) -> None:
     """Connections, distinct users, room members and presence across two workers."""
     one, two = registries
-    assert await one.add_connection(snapshot("c1", "ann")) == 1
-    assert await two.add_connection(snapshot("c2", "ann")) == 1  # same user, still one user
-    assert await two.add_connection(snapshot("c3", "bo")) == 2
+    assert await add(one, snapshot("c1", "ann")) == 1
+    assert await add(two, snapshot("c2", "ann")) == 1  # same user, still one user
+    assert await add(two, snapshot("c3", "bo")) == 2
     assert await one.user_connections("ann") == {"c1": "n1.0.1", "c2": "n2.0.2"}
     assert await one.join(TopicKind.ROOM, "r", "c1", "ann") == ["ann"]
     assert sorted(await two.join(TopicKind.ROOM, "r", "c3", "bo")) == ["ann", "bo"]
@@ -59,9 +65,9 @@ async def test_sweep_removes_only_workers_whose_heartbeat_expired(
     assert await live.heartbeat(10) is False  # first beat: nothing was there
     assert await live.heartbeat(10) is True
     await dead.heartbeat(10)
-    await live.add_connection(snapshot("c1", "ann", rooms=("r",)))
+    await add(live, snapshot("c1", "ann", rooms=("r",)))
     await live.join(TopicKind.ROOM, "r", "c1", "ann")
-    await dead.add_connection(snapshot("c2", "bo", rooms=("r",)))
+    await add(dead, snapshot("c2", "bo", rooms=("r",)))
     await dead.join(TopicKind.ROOM, "r", "c2", "bo")
     redis = redis_server.client()
     redis.delete(f"{prefix}:alive:n2.0.2")  # as if its TTL ran out
@@ -82,7 +88,7 @@ async def test_resync_writes_back_what_redis_lost(
     await one.heartbeat(10)
     state = [snapshot("c1", "ann", rooms=("r",)), snapshot("c2", "ann")]
     for s in state:
-        await one.add_connection(s)
+        await add(one, s)
     await one.join(TopicKind.ROOM, "r", "c1", "ann")
     redis = redis_server.client()
     for key in redis.keys(f"{prefix}:*"):
@@ -106,7 +112,7 @@ async def test_big_rooms_list_a_sample_and_count_distinct_users(
     trip, however big the room; two connections of one user count once."""
     one, two = registries
     for n in range(30):
-        await one.add_connection(snapshot(f"c{n}", f"u{n % 25}"))  # 25 users, 30 connections
+        await add(one, snapshot(f"c{n}", f"u{n % 25}"))  # 25 users, 30 connections
     members = None
     for n in range(30):
         members = await one.join(TopicKind.ROOM, "big", f"c{n}", f"u{n % 25}", limit=10)
@@ -127,7 +133,7 @@ async def test_reconciling_a_membership_twice_counts_it_once(
 ) -> None:
     """What a failed join or leave left half-written is set right without counting twice."""
     one, _ = registries
-    await one.add_connection(snapshot("c1", "ann"))
+    await add(one, snapshot("c1", "ann"))
     for _ in range(2):
         await one.reconcile(TopicKind.ROOM, "r", "c1", "ann", member=True)
     redis = redis_server.client()
