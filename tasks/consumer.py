@@ -245,17 +245,21 @@ class Consumer:
     async def _finish(self, job: jobs.Job, outcome: jobs.Outcome) -> None:
         """Record the outcome; if this run recorded it, deliver it; forget the job."""
         keys = self.keys
-        recorded, worker, connections = await self._retrying(
+        recorded, worker = await self._retrying(
             [
                 jobs.finish(keys, job, outcome, self.config.result_ttl),
                 ("HGET", keys.conn(job.conn), "worker"),
-                ("HGETALL", keys.user(job.user)),
             ]
         )
         commands: list[tuple[Any, ...]] = []
         if recorded:
+            if worker is not None:
+                recipients = {_text(worker): [job.conn]}
+            else:  # the connection closed: its user's other connections, if any
+                [connections] = await self._retrying([("HGETALL", keys.user(job.user))])
+                recipients = _by_worker(connections)
             body = jobs.pack(outcome.value)
-            for wid, cids in _recipients(job.conn, worker, connections).items():
+            for wid, cids in recipients.items():
                 commands.append(
                     (
                         "PUBLISH",
@@ -307,11 +311,8 @@ class Consumer:
         return failures + 1
 
 
-def _recipients(conn: str, worker: Any, connections: Any) -> dict[str, list[str]]:
-    """Where an outcome goes: the connection that dispatched it if it is still open,
-    else every connection of its user; by worker."""
-    if worker is not None:
-        return {_text(worker): [conn]}
+def _by_worker(connections: Any) -> dict[str, list[str]]:
+    """A user's connections (a flat `connection id, worker id` reply), by worker."""
     grouped: dict[str, list[str]] = {}
     flat = connections or []
     for i in range(0, len(flat) - 1, 2):
