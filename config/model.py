@@ -58,6 +58,9 @@ class ServerConfig(_Section):
     close_timeout: PositiveFloat = 3.0
     shutdown_timeout: PositiveFloat = 10.0
     worker_timeout: PositiveFloat = 30.0
+    reload_grace: NonNegativeFloat = 5.0
+    max_request: NonNegativeInt = 0
+    max_request_jitter: NonNegativeInt = 0
 
     @field_validator("path")
     @classmethod

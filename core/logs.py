@@ -50,6 +50,12 @@ def setup(level: str, fmt: str) -> None:
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Log at `level` from now on (a reload may change it)."""
+    root = logging.getLogger()
     root.setLevel(level.upper())
     # websockets logs every failed handshake at INFO; shoal answers those itself.
     logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))

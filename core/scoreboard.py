@@ -5,8 +5,9 @@ rolling reload runs an old and a new worker side by side, so there are more seat
 workers). Each child writes only its own seat, so no lock is needed; sums over seats
 (connections on this node) may be a moment stale.
 
-The master writes one field of a child's seat: the close code the child's clients get
-when it is told to stop (1001 for a stop, 1012 for a reload), before it signals it.
+The master writes one thing into a child's seat: how it is to stop (the close code its
+clients get, 1001 for a stop, 1012 when it is replaced; whether it drains its listener
+first), before it signals it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ class Scoreboard:
         self._beat: Any = RawArray(ctypes.c_double, seats)
         self._connections: Any = RawArray(ctypes.c_int64, seats)
         self._close_code: Any = RawArray(ctypes.c_int32, seats)
+        self._drain: Any = RawArray(ctypes.c_int8, seats)
+        self._messages: Any = RawArray(ctypes.c_int64, seats)
+        self._recycle: Any = RawArray(ctypes.c_int8, seats)
+        self._redis_up: Any = RawArray(ctypes.c_int8, seats)
 
     def claim(self, seat: int, pid: int, now: float, *, serving: bool) -> None:
         """Master: a new child process owns `seat`.
@@ -38,6 +43,10 @@ class Scoreboard:
         self._beat[seat] = now
         self._connections[seat] = 0
         self._close_code[seat] = 0
+        self._drain[seat] = 0
+        self._messages[seat] = 0
+        self._recycle[seat] = 0
+        self._redis_up[seat] = 0
 
     def release(self, seat: int) -> None:
         """Master: the child in `seat` is gone."""
@@ -85,6 +94,35 @@ class Scoreboard:
     def close_code(self, seat: int) -> int:
         """Child: the close code the master asked for; 0 when it asked for none."""
         return int(self._close_code[seat])
+
+    def retire(self, seat: int, code: int, *, drain: bool) -> None:
+        """Master: the child in `seat` is replaced or its slot removed; it no longer
+        counts as serving. `drain`: it is the last holder of its listener."""
+        self._close_code[seat] = code
+        self._drain[seat] = int(drain)
+        self._serving[seat] = 0
+
+    def drain(self, seat: int) -> bool:
+        """Child: accept what my listener holds before closing it."""
+        return bool(self._drain[seat])
+
+    def set_progress(self, seat: int, messages: int, *, redis_up: bool) -> None:
+        """Child: messages handled so far, and whether Redis answers."""
+        self._messages[seat] = messages
+        self._redis_up[seat] = int(redis_up)
+
+    def messages(self, seat: int) -> int:
+        return int(self._messages[seat])
+
+    def redis_up(self, seat: int) -> bool:
+        return bool(self._redis_up[seat])
+
+    def request_recycle(self, seat: int) -> None:
+        """Child: replace me (I reached `server.max_request`)."""
+        self._recycle[seat] = 1
+
+    def recycle_requested(self, seat: int) -> bool:
+        return bool(self._recycle[seat])
 
     def workers_alive(self) -> int:
         """WebSocket workers of this node that are running and finished starting."""

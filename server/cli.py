@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     logs.setup(config.log.level, config.log.format)
     try:
-        return Master(config, tasks_only=args.command == "tasks").run()
+        return Master(
+            config,
+            tasks_only=args.command == "tasks",
+            reread=lambda: _load(args.config, _overrides(args)),
+        ).run()
     except ShoalError as exc:
         logging.getLogger("shoal").error("%s", exc)
         return 1

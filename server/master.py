@@ -8,6 +8,17 @@ runs as PID 1 in a container), and carries out what the supervision policy
 The master talks to Redis only before it forks, to check it. After that, everything
 Redis must hear (a worker died) goes to the housekeeper child through a pipe: a hung
 Redis cannot delay a respawn, a signal or a stop.
+
+The master owns every WebSocket slot's listening socket (SO_REUSEPORT, one per slot):
+a worker inherits its slot's socket, and a reload or a respawn leaves it open, so what
+its accept queue holds is taken by the next worker of the slot instead of being reset
+(closing an SO_REUSEPORT listener resets its queue unless `net.ipv4.tcp_migrate_req`
+is on). Only removing a slot (SIGTTOU) closes one; its worker drains it first.
+
+Signals (docs/operations.md): SIGHUP re-reads the config file and replaces every worker
+and the task pool, one at a time; SIGUSR1 does the same without re-reading; SIGUSR2
+replaces the task pool alone; SIGTTIN / SIGTTOU add or remove a worker; SIGTERM and
+SIGINT stop gracefully (a second one kills); SIGQUIT kills every child at once.
 """
 
 from __future__ import annotations
@@ -34,9 +45,20 @@ from shoal.core.errors import ConfigError, ShoalError
 from shoal.core.resp import RedisAddress
 from shoal.core.schema import CloseCode
 from shoal.core.scoreboard import Scoreboard
-from shoal.server import housekeeper
+from shoal.server import housekeeper, listeners
 from shoal.server.embedded import EmbeddedRedis
-from shoal.server.supervisor import Action, Fail, Kind, Policy, Signal, Spawn, Supervisor
+from shoal.server.supervisor import (
+    Action,
+    Drop,
+    Fail,
+    Kind,
+    Policy,
+    Retire,
+    Rolled,
+    Signal,
+    Spawn,
+    Supervisor,
+)
 from shoal.tasks import process as task_pool
 from shoal.workers import worker
 
@@ -47,6 +69,22 @@ EXIT_FAILURE = 1
 # Redis 6.2 brought SET ... GET, on which a worker's heartbeat learns in one round trip
 # whether its state was swept or lost while it was away.
 MIN_REDIS_VERSION = (6, 2)
+# SIGTTIN adds workers up to this many times `server.worker_num` (at least 64): the
+# scoreboard's shared memory is sized once, before the first fork.
+MAX_WORKERS_FACTOR = 4
+MIN_MAX_WORKERS = 64
+# Settings a reload cannot change in a running node: its listeners, and where its state is.
+FIXED_ON_RELOAD = (
+    ("server", "host"),
+    ("server", "port"),
+    ("server", "path"),
+    ("server", "node_id"),
+    ("server", "backlog"),
+    ("redis", "url"),
+    ("redis", "prefix"),
+)
+
+Reader = Callable[[], Config]
 
 
 class Master:
@@ -55,28 +93,29 @@ class Master:
     Args:
         config: the validated configuration.
         tasks_only: run a task pool alone, with no WebSocket listener (`shoal tasks`).
+        reread: reads the configuration again, as it was read for `config`, for SIGHUP;
+            None: SIGHUP reloads without re-reading.
     """
 
-    def __init__(self, config: Config, *, tasks_only: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, tasks_only: bool = False, reread: Reader | None = None
+    ) -> None:
         self.config = config
+        self.reread = reread
         self.node_id = config.server.node_id or secrets.token_hex(3)
         self.tasks_only = tasks_only
         server = config.server
         plan = {} if tasks_only else {Kind.WEBSOCKET: server.worker_num, Kind.HOUSEKEEPER: 1}
-        self.task_processes = config.task_processes
-        if tasks_only and not self.task_processes:
-            self.task_processes = len(os.sched_getaffinity(0))
+        self.task_processes = self._task_processes(config)
         if self.task_processes:
             plan[Kind.TASKS] = 1
         if config.redis.embedded:
             plan[Kind.REDIS] = 1
-        self.supervisor = Supervisor(
-            plan,
-            Policy(worker_timeout=server.worker_timeout),
-            boot_exit=worker.EXIT_BOOT,
-        )
+        self.supervisor = Supervisor(plan, _policy(config), boot_exit=worker.EXIT_BOOT)
+        self.max_workers = max(MIN_MAX_WORKERS, MAX_WORKERS_FACTOR * server.worker_num)
         # Two seats per worker: a rolling reload runs an old and a new one side by side.
-        self.scoreboard = Scoreboard(2 * server.worker_num + 3)
+        self.scoreboard = Scoreboard(2 * self.max_workers + 4)
+        self.listeners: dict[int, list[socket.socket]] = {}
         self.seats: dict[int, int] = {}
         self.worker_ids: dict[int, str] = {}
         self.signals: collections.deque[int] = collections.deque()
@@ -86,6 +125,11 @@ class Master:
         self.dead_workers: list[str] = []
         self.housekeeper_fd: int | None = None
         self._wakeup_r, self._wakeup_w = -1, -1
+
+    def _task_processes(self, config: Config) -> int:
+        if self.tasks_only and not config.task_processes:
+            return len(os.sched_getaffinity(0))
+        return config.task_processes
 
     # Entry point
 
@@ -100,6 +144,8 @@ class Master:
         logs.set_role("master")
         if not self.tasks_only:
             _check_port_free(server.host, server.port)
+            for slot in range(server.worker_num):
+                self.listeners[slot] = listeners.open_listeners(server)
         if self.config.redis.embedded:
             self.embedded = EmbeddedRedis(self.config.redis.server_bin)
             self.redis_url = self.embedded.url
@@ -139,6 +185,8 @@ class Master:
                 self._execute(self.supervisor.tick(time.monotonic()))
                 self._notify_housekeeper()
         finally:
+            for slot in list(self.listeners):
+                self._drop_listener(slot)
             if self.embedded is not None:
                 self.embedded.cleanup()
         if self.supervisor.failure is not None:
@@ -152,13 +200,7 @@ class Master:
     def _install_signals(self) -> None:
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wakeup_w)
-        for signum in (
-            signal.SIGTERM,
-            signal.SIGINT,
-            signal.SIGQUIT,
-            signal.SIGHUP,
-            signal.SIGCHLD,
-        ):
+        for signum in _SIGNALS:
             signal.signal(signum, self._queue_signal)
 
     def _queue_signal(self, signum: int, _frame: object) -> None:
@@ -179,22 +221,121 @@ class Master:
     def _dispatch(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
             return  # reaped on every turn of the loop
-        if signum == signal.SIGHUP:
-            logger.warning("SIGHUP: reloading is not supported in this version; ignoring")
-            return
         name = signal.Signals(signum).name
+        if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            if signum == signal.SIGQUIT:
+                logger.warning("SIGQUIT: stopping now; killing every child")
+            elif self.supervisor.stopping:
+                logger.warning("%s again: killing every child now", name)
+            else:
+                logger.info("%s: stopping; workers close their clients with 1001", name)
+            self._stop(now=signum == signal.SIGQUIT)
+            return
         if self.supervisor.stopping:
-            logger.warning("%s again: killing every child now", name)
-        else:
-            logger.info("%s: stopping; workers close their clients with 1001", name)
-        self._stop()
+            logger.info("%s ignored: stopping", name)
+            return
+        now = time.monotonic()
+        if signum == signal.SIGHUP:
+            self._reload(now, reread=True)
+        elif signum == signal.SIGUSR1:
+            self._reload(now, reread=False)
+        elif signum == signal.SIGUSR2:
+            if Kind.TASKS not in self.supervisor.plan or not self.supervisor.plan[Kind.TASKS]:
+                logger.warning("SIGUSR2: this node runs no task pool; nothing to restart")
+                return
+            logger.info("SIGUSR2: replacing the task pool")
+            self._execute(self.supervisor.reload(now, (Kind.TASKS,)))
+        elif signum in (signal.SIGTTIN, signal.SIGTTOU) and not self.tasks_only:
+            workers = len(self.supervisor.worker_slots())
+            self._scale(now, workers + (1 if signum == signal.SIGTTIN else -1), name)
 
-    def _stop(self) -> None:
+    def _stop(self, *, now: bool = False) -> None:
         for pid, seat in self.seats.items():
             if pid in self.worker_ids:
                 self.scoreboard.set_close_code(seat, CloseCode.GOING_AWAY)
-        now = time.monotonic()
-        self._execute(self.supervisor.stop(now, self.config.server.shutdown_timeout))
+        if now:
+            self._execute(self.supervisor.kill(time.monotonic()))
+        else:
+            self._execute(
+                self.supervisor.stop(time.monotonic(), self.config.server.shutdown_timeout)
+            )
+
+    # Reloads and scaling
+
+    def _reload(self, now: float, *, reread: bool) -> None:
+        if self.tasks_only:
+            kinds: tuple[Kind, ...] = (Kind.TASKS,)
+        else:
+            kinds = (Kind.WEBSOCKET, Kind.TASKS)
+        if reread and self.reread is not None:
+            logger.info("SIGHUP: reading the configuration again, then replacing every worker")
+            try:
+                config = self.reread()
+            except ShoalError as exc:
+                logger.error("reload: the configuration is invalid; nothing changed:\n%s", exc)
+                return
+            self._apply(config)
+        else:
+            logger.info("%s: replacing every worker", "SIGHUP" if reread else "SIGUSR1")
+        if not self.tasks_only:
+            self._scale(now, self.config.server.worker_num, "reload")
+        self._execute(self.supervisor.reload(now, kinds))
+
+    def _apply(self, config: Config) -> None:
+        """Take a re-read configuration, keeping what cannot change in a running node."""
+        for section, key in FIXED_ON_RELOAD:
+            old = getattr(getattr(self.config, section), key)
+            new = getattr(getattr(config, section), key)
+            if new != old:
+                logger.error(
+                    "reload: %s.%s cannot change while shoal runs (%r -> %r); keeping %r "
+                    "until a restart",
+                    section,
+                    key,
+                    new if key != "url" else "...",
+                    old if key != "url" else "...",
+                    old if key != "url" else "the running value",
+                )
+                part = getattr(config, section).model_copy(update={key: old})
+                config = config.model_copy(update={section: part})
+        had_tasks, has_tasks = bool(self.task_processes), bool(self._task_processes(config))
+        if had_tasks != has_tasks:
+            logger.error(
+                "reload: tasks.task_worker_num cannot turn the task pool %s while shoal "
+                "runs; keeping it %s until a restart",
+                "on" if has_tasks else "off",
+                "on" if had_tasks else "off",
+            )
+            tasks = config.tasks.model_copy(
+                update={"task_worker_num": self.config.tasks.task_worker_num}
+            )
+            config = config.model_copy(update={"tasks": tasks})
+        workers = config.server.worker_num
+        if workers > self.max_workers:
+            logger.error(
+                "reload: server.worker_num %d is more than this node can grow to (%d); using %d",
+                workers,
+                self.max_workers,
+                self.max_workers,
+            )
+            server = config.server.model_copy(update={"worker_num": self.max_workers})
+            config = config.model_copy(update={"server": server})
+        self.config = config
+        self.task_processes = self._task_processes(config)
+        self.supervisor.policy = _policy(config)
+        logs.set_level(config.log.level)
+
+    def _scale(self, now: float, workers: int, why: str) -> None:
+        current = len(self.supervisor.worker_slots())
+        if workers == current:
+            return
+        if not 1 <= workers <= self.max_workers:
+            logger.warning(
+                "%s: staying at %d workers (between 1 and %d)", why, current, self.max_workers
+            )
+            return
+        logger.info("%s: %d workers -> %d", why, current, workers)
+        self._execute(self.supervisor.scale(now, workers))
 
     # Carrying out the policy
 
@@ -204,13 +345,23 @@ class Master:
                 self._spawn(action)
             elif isinstance(action, Signal):
                 self._signal(action)
+            elif isinstance(action, Retire):
+                self._retire(action)
+            elif isinstance(action, Drop):
+                self._drop_listener(action.slot)
+            elif isinstance(action, Rolled):
+                self._rolled(action)
             elif isinstance(action, Fail):
                 logger.error("%s; stopping", action.reason)
                 self._stop()
 
     def _signal(self, action: Signal) -> None:
         child = self.supervisor.children.get(action.pid)
-        if action.signum in (signal.SIGABRT, signal.SIGKILL) and child is not None:
+        if (
+            action.signum in (signal.SIGABRT, signal.SIGKILL)
+            and child is not None
+            and not action.expected
+        ):
             logger.error(
                 "%s %s; sending %s",
                 child.name,
@@ -219,6 +370,30 @@ class Master:
             )
         with contextlib.suppress(ProcessLookupError):
             os.kill(action.pid, action.signum)
+
+    def _retire(self, action: Retire) -> None:
+        child = self.supervisor.children.get(action.pid)
+        seat = self.seats.get(action.pid)
+        if seat is not None:
+            self.scoreboard.retire(seat, CloseCode.SERVICE_RESTART, drain=action.drain)
+        if child is not None:
+            logger.info("%s %s; retiring it", child.name, action.why)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(action.pid, signal.SIGTERM)
+
+    def _rolled(self, action: Rolled) -> None:
+        if action.ok:
+            logger.info("reload done in %.1f s", action.seconds)
+        else:
+            logger.error(
+                "reload aborted after %.1f s: %s; the workers not yet replaced keep serving",
+                action.seconds,
+                action.reason,
+            )
+
+    def _drop_listener(self, slot: int) -> None:
+        for sock in self.listeners.pop(slot, []):
+            sock.close()
 
     def _spawn(self, spawn: Spawn) -> None:
         now = time.monotonic()
@@ -244,14 +419,22 @@ class Master:
         elif spawn.kind is Kind.TASKS:
             pid = self._fork(lambda: self._task_pool(seat))
         else:
-            pid = self._fork(lambda: self._worker(spawn.slot, seat))
+            if spawn.slot not in self.listeners:
+                try:
+                    self.listeners[spawn.slot] = listeners.open_listeners(self.config.server)
+                except ShoalError as exc:
+                    logger.error("worker %d cannot start: %s", spawn.slot, exc)
+                    self._execute(self.supervisor.not_started(spawn, time.monotonic()))
+                    return
+            socks = self.listeners[spawn.slot]
+            pid = self._fork(lambda: self._worker(spawn.slot, seat, socks), keep=socks)
             self.worker_ids[pid] = worker.worker_id(self.node_id, spawn.slot, pid)
         self.scoreboard.claim(seat, pid, now, serving=spawn.kind is Kind.WEBSOCKET)
         self.seats[pid] = seat
         child = self.supervisor.started(spawn, pid, now)
         logger.debug("started %s, generation %d", child.name, child.generation)
 
-    def _fork(self, body: Callable[[], int]) -> int:
+    def _fork(self, body: Callable[[], int], keep: list[socket.socket] | None = None) -> int:
         pid = os.fork()
         if pid:
             return pid
@@ -261,9 +444,17 @@ class Master:
             os.close(self._wakeup_r)
             os.close(self._wakeup_w)
             self._close_housekeeper_fd()
+            # Another slot's listener held here would outlive that slot's removal.
+            for socks in self.listeners.values():
+                if socks is not keep:
+                    for sock in socks:
+                        sock.close()
             for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
                 signal.signal(signum, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            # The master's signals: a child sent one by mistake ignores it.
+            for signum in _SIGNALS:
+                if signum not in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGINT):
+                    signal.signal(signum, signal.SIG_IGN)
             status = body()
         except BaseException:
             traceback.print_exc()
@@ -272,17 +463,18 @@ class Master:
             sys.stderr.flush()
             os._exit(status)
 
-    def _worker(self, slot: int, seat: int) -> int:
+    def _worker(self, slot: int, seat: int, socks: list[socket.socket]) -> int:
         logs.set_role(f"worker {slot}")
         return worker.run(
             worker.Placement(
                 self.config,
-                slot,
                 seat,
                 self.node_id,
                 self.redis_url,
                 self.scoreboard,
                 master_pid=os.getppid(),
+                slot=slot,
+                listeners=tuple(socks),
             )
         )
 
@@ -353,23 +545,35 @@ class Master:
             logger.info("%s stopped: %s", child.name, how)
         elif self.supervisor.failure is None:
             when = "while starting" if child.ready_at is None else ""
-            then = (
-                f"respawning in {exit_info.delay:.1f} s (crash loop)"
-                if exit_info.crash_loop
-                else "respawning"
-            )
+            if not exit_info.respawn:
+                then = (
+                    "the one it was to replace serves on"
+                    if child.replaces is not None
+                    else "its replacement takes its place"
+                )
+            elif exit_info.crash_loop:
+                then = f"respawning in {exit_info.delay:.1f} s (crash loop)"
+            else:
+                then = "respawning"
             logger.error("%s died%s: %s; %s", child.name, f" {when}" if when else "", how, then)
+        if exit_info.crash_loop and child.kind is Kind.WEBSOCKET:
+            # Nobody will accept on it for a while: let the kernel send its
+            # connections to the other workers.
+            self._drop_listener(child.slot)
         if wid is not None:
             self.dead_workers.append(wid)
         self._execute(actions)
 
     def _observe(self) -> None:
-        for pid, seat in self.seats.items():
+        now = time.monotonic()
+        for pid, seat in list(self.seats.items()):
             self.supervisor.observe(
                 pid,
                 ready=self.scoreboard.is_ready(seat),
                 beat=self.scoreboard.last_beat(seat),
             )
+            if self.scoreboard.recycle_requested(seat):
+                self._execute(self.supervisor.recycle(pid, now))
 
     # The housekeeper's inbox
 
@@ -386,6 +590,29 @@ class Master:
         if self.housekeeper_fd is not None:
             os.close(self.housekeeper_fd)
             self.housekeeper_fd = None
+
+
+_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGCHLD,
+)
+
+
+def _policy(config: Config) -> Policy:
+    server = config.server
+    return Policy(
+        worker_timeout=server.worker_timeout,
+        # A replacement waits for Redis like any starting worker; a reload does not.
+        ready_timeout=server.worker_timeout,
+        retire_timeout=server.reload_grace + server.shutdown_timeout,
+    )
 
 
 def _check_redis(url: str, timeout: float) -> None:

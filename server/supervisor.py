@@ -24,10 +24,23 @@ Rules:
 - On stop, every child but the embedded Redis gets SIGTERM; Redis gets it once the
   others are gone (they remove their state on the way out); past the deadline,
   everything left gets SIGKILL.
+
+Rollouts (a reload, a task pool restart, a worker that reached `server.max_request`)
+replace children one slot at a time, replacement first: the new child starts beside the
+old one, and only once it is ready is the old one told to retire (`Retire`: it stops
+accepting, closes its clients with 1012 and exits; its exit is expected and nothing
+respawns). A replacement that dies or is not ready within `ready_timeout` aborts the
+rollout: it is killed and the old children keep serving. A retiring child that has not
+exited after `retire_timeout` is killed.
+
+Scaling (SIGTTIN / SIGTTOU, or a reload that changes `server.worker_num`) adds a
+WebSocket slot, or removes the highest one (`Drop`: its listener goes) and retires its
+children.
 """
 
 from __future__ import annotations
 
+import collections
 import random
 import signal
 from dataclasses import dataclass, field
@@ -46,6 +59,8 @@ class Spawn:
     kind: Kind
     slot: int
     generation: int
+    replaces: int | None = None
+    """The pid of the child this one replaces in a rollout; it serves until this is ready."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +68,34 @@ class Signal:
     pid: int
     signum: int
     why: str
+    expected: bool = False
+    """Asked for (SIGQUIT): not worth an error line per child."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retire:
+    """Tell a child to finish and exit: it was replaced, or its slot is gone (`drain`:
+    it accepts what its listener still holds before closing it)."""
+
+    pid: int
+    why: str
+    drain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """A WebSocket slot is gone: its listening socket must close."""
+
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rolled:
+    """A reload finished: every child it replaced is replaced (`ok`), or it was aborted."""
+
+    ok: bool
+    seconds: float
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +103,7 @@ class Fail:
     reason: str
 
 
-Action = Spawn | Signal | Fail
+Action = Spawn | Signal | Retire | Drop | Rolled | Fail
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +116,8 @@ class Policy:
     stable_after: float = 10.0
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
+    ready_timeout: float = 30.0
+    retire_timeout: float = 20.0
 
 
 @dataclass(slots=True)
@@ -87,6 +132,12 @@ class Child:
     aborted_at: float | None = None
     killed: bool = False
     told_to_stop: bool = False
+    replaces: int | None = None
+    retiring_since: float | None = None
+    abandoned: bool = False
+    """A replacement given up on (its rollout aborted): its exit is expected."""
+    recycle_after: float = 0.0
+    """Its requests to be replaced wait until then (a replacement for it failed)."""
 
     @property
     def name(self) -> str:
@@ -110,6 +161,14 @@ class Exit:
     expected: bool
     crash_loop: bool = False
     delay: float = 0.0
+    respawn: bool = True
+
+
+@dataclass(slots=True)
+class _Reload:
+    started: float
+    again: tuple[Kind, ...] = ()
+    """Asked for again while running: the kinds to roll once more when this one ends."""
 
 
 @dataclass
@@ -133,6 +192,9 @@ class Supervisor:
     stopping: bool = False
     stop_deadline: float = 0.0
     failure: str | None = None
+    queue: collections.deque[tuple[Kind, int]] = field(default_factory=collections.deque)
+    current: Child | None = None
+    reloading: _Reload | None = None
 
     def start(self, now: float) -> list[Action]:
         """The first children to start; Redis first, so the others find it."""
@@ -146,12 +208,35 @@ class Supervisor:
 
     def started(self, spawn: Spawn, pid: int, now: float) -> Child:
         """The master forked `spawn` as `pid`."""
-        child = Child(spawn.kind, spawn.slot, spawn.generation, pid, started=now, last_beat=now)
+        child = Child(
+            spawn.kind,
+            spawn.slot,
+            spawn.generation,
+            pid,
+            started=now,
+            last_beat=now,
+            replaces=spawn.replaces,
+        )
+        if spawn.replaces is not None:
+            self.current = child
         if spawn.kind is Kind.REDIS:
             child.ready_at = now  # it has no heartbeat; the workers wait for it to answer
         self.children[pid] = child
-        self.slots[(spawn.kind, spawn.slot)].start_at = None
+        slot = self.slots.get((spawn.kind, spawn.slot))
+        if slot is not None:
+            slot.start_at = None
         return child
+
+    def not_started(self, spawn: Spawn, now: float) -> list[Action]:
+        """The master could not start `spawn` (its listener could not be opened)."""
+        if spawn.replaces is not None:
+            return self._abort(now, f"{spawn.kind.value} {spawn.slot} could not start")
+        slot = self.slots.get((spawn.kind, spawn.slot))
+        if slot is None or self.stopping:
+            return []
+        slot.failures += 1
+        slot.start_at = now + max(self._backoff(slot.failures), self.policy.backoff_base)
+        return []
 
     def running(self) -> bool:
         """False once stopping and every child has exited."""
@@ -166,7 +251,9 @@ class Supervisor:
             return
         if ready and child.ready_at is None:
             child.ready_at = beat
-            self.slots[(child.kind, child.slot)].ever_ready = True
+            slot = self.slots.get((child.kind, child.slot))
+            if slot is not None:
+                slot.ever_ready = True
         child.last_beat = max(child.last_beat, beat)
 
     def exited(self, pid: int, code: int, now: float) -> tuple[Exit | None, list[Action]]:
@@ -180,6 +267,18 @@ class Supervisor:
             return None, []
         if self.stopping:
             return Exit(child, expected=True), self._stop_redis_last()
+        if child.retiring_since is not None or child.abandoned:
+            return Exit(child, expected=True), []
+        if child is self.current:
+            # A replacement that died before it was ready: the old child keeps serving.
+            self.current = None
+            return Exit(child, expected=False, respawn=False), self._abort(
+                now, f"{child.kind.value} {child.slot} died while starting"
+            )
+        if self.current is not None and self.current.replaces == pid:
+            # Its replacement is on its way: that one takes the slot.
+            self.current.replaces = None
+            return Exit(child, expected=False, respawn=False), []
         slot = self.slots[(child.kind, child.slot)]
         if child.kind in (Kind.WEBSOCKET, Kind.TASKS) and code == self.boot_exit:
             return Exit(child, expected=False), self._fail(
@@ -221,11 +320,19 @@ class Supervisor:
             if now <= self.stop_deadline:
                 return []
             return self._kill_all("still running after server.shutdown_timeout")
-        actions = self._due(now)
+        actions = self._due(now) + self._advance(now)
         for child in self.children.values():
             if child.kind is Kind.REDIS or child.killed:
                 continue
-            if child.aborted_at is not None:
+            if (
+                child.retiring_since is not None
+                and now - child.retiring_since > self.policy.retire_timeout
+            ):
+                child.killed = True
+                actions.append(
+                    Signal(child.pid, signal.SIGKILL, "still retiring after its time to finish")
+                )
+            elif child.aborted_at is not None:
                 if now - child.aborted_at > self.policy.abort_grace:
                     child.killed = True
                     actions.append(Signal(child.pid, signal.SIGKILL, "did not exit after SIGABRT"))
@@ -239,6 +346,137 @@ class Supervisor:
                     )
                 )
         return actions
+
+    # Rollouts
+
+    def reload(self, now: float, kinds: tuple[Kind, ...]) -> list[Action]:
+        """Replace every child of `kinds`, one slot at a time (see the module's docstring).
+
+        A reload asked for while one runs is done again once it ends, so that children
+        started before the second request do not keep what it changed.
+        """
+        if self.stopping:
+            return []
+        if self.reloading is not None:
+            self.reloading.again += tuple(k for k in kinds if k not in self.reloading.again)
+            return []
+        self.reloading = _Reload(started=now)
+        self.generation += 1
+        self._enqueue(kinds)
+        return self._advance(now)
+
+    def recycle(self, pid: int, now: float) -> list[Action]:
+        """Replace the child `pid` (it asked to be: `server.max_request`)."""
+        child = self.children.get(pid)
+        if (
+            self.stopping
+            or child is None
+            or child.retiring_since is not None
+            or child.ready_at is None
+            or child.replaces is not None
+            or now < child.recycle_after
+            or (child.kind, child.slot) in self.queue
+            or (self.current is not None and self.current.replaces == pid)
+        ):
+            return []
+        self.queue.append((child.kind, child.slot))
+        return self._advance(now)
+
+    def _enqueue(self, kinds: tuple[Kind, ...]) -> None:
+        for kind in kinds:
+            for key in sorted(k for k in self.slots if k[0] is kind):
+                if key not in self.queue:
+                    self.queue.append(key)
+
+    def _advance(self, now: float) -> list[Action]:
+        """Move the rollout on: retire what a ready replacement replaces, start the next."""
+        actions: list[Action] = []
+        new = self.current
+        if new is not None:
+            if new.ready_at is not None:
+                self.current = None
+                old = self.children.get(new.replaces) if new.replaces is not None else None
+                if old is not None:
+                    actions.append(self._retire(old, now, f"replaced by {new.name}"))
+            elif now - new.started > self.policy.ready_timeout:
+                self.current = None
+                new.abandoned = new.killed = True
+                actions.append(Signal(new.pid, signal.SIGKILL, "not ready in time"))
+                return actions + self._abort(
+                    now,
+                    f"{new.name} was not ready within {self.policy.ready_timeout:.0f} s",
+                )
+            else:
+                return actions
+        while self.queue:
+            key = self.queue.popleft()
+            old = self._serving(key)
+            if key in self.slots and old is not None:
+                actions.append(Spawn(key[0], key[1], self.generation, replaces=old.pid))
+                return actions
+        if self.reloading is not None:
+            reload, self.reloading = self.reloading, None
+            actions.append(Rolled(ok=True, seconds=now - reload.started))
+            if reload.again:
+                actions += self.reload(now, reload.again)
+        return actions
+
+    def _abort(self, now: float, reason: str) -> list[Action]:
+        """A replacement failed: leave the rest as it is."""
+        self.queue.clear()
+        for child in self.children.values():
+            if child.retiring_since is None:
+                child.recycle_after = now + self.policy.backoff_cap
+        if self.reloading is None:
+            return []
+        reload, self.reloading = self.reloading, None
+        return [Rolled(ok=False, seconds=now - reload.started, reason=reason)]
+
+    def _serving(self, key: tuple[Kind, int]) -> Child | None:
+        """The child that serves a slot now (not one retiring or being given up on)."""
+        for child in self.children.values():
+            if (
+                (child.kind, child.slot) == key
+                and child.retiring_since is None
+                and not child.abandoned
+                and child is not self.current
+            ):
+                return child
+        return None
+
+    def _retire(self, child: Child, now: float, why: str, *, drain: bool = False) -> Retire:
+        child.retiring_since = now
+        child.told_to_stop = True
+        return Retire(child.pid, why, drain)
+
+    # Scaling
+
+    def worker_slots(self) -> list[int]:
+        return sorted(index for kind, index in self.slots if kind is Kind.WEBSOCKET)
+
+    def scale(self, now: float, workers: int) -> list[Action]:
+        """Run `workers` WebSocket slots: add the next ones, or remove the highest."""
+        if self.stopping:
+            return []
+        actions: list[Action] = []
+        slots = self.worker_slots()
+        for index in range(
+            max(slots, default=-1) + 1, max(slots, default=-1) + 1 + workers - len(slots)
+        ):
+            self.slots[(Kind.WEBSOCKET, index)] = _Slot()
+            actions.append(Spawn(Kind.WEBSOCKET, index, self.generation))
+        for index in reversed(slots[workers:]):
+            del self.slots[(Kind.WEBSOCKET, index)]
+            actions.append(Drop(index))
+            for child in list(self.children.values()):
+                if (child.kind, child.slot) != (Kind.WEBSOCKET, index):
+                    continue
+                if child is self.current:
+                    self.current = None
+                if child.retiring_since is None:
+                    actions.append(self._retire(child, now, "its slot was removed", drain=True))
+        self.plan[Kind.WEBSOCKET] = workers
+        return actions + self._advance(now)
 
     def _due(self, now: float) -> list[Action]:
         actions: list[Action] = []
@@ -265,6 +503,12 @@ class Supervisor:
                 actions.append(Signal(child.pid, signal.SIGTERM, "stopping"))
         return actions + self._stop_redis_last()
 
+    def kill(self, now: float) -> list[Action]:
+        """Stop at once: SIGKILL for every child (SIGQUIT)."""
+        if not self.stopping:
+            self.stop(now, 0.0)  # its SIGTERMs are not needed: SIGKILL follows
+        return self._kill_all("stopping at once", expected=True)
+
     def _stop_redis_last(self) -> list[Action]:
         others = [c for c in self.children.values() if c.kind is not Kind.REDIS]
         if others:
@@ -281,10 +525,10 @@ class Supervisor:
             self.failure = reason
         return [Fail(reason)]
 
-    def _kill_all(self, why: str) -> list[Action]:
+    def _kill_all(self, why: str, *, expected: bool = False) -> list[Action]:
         actions: list[Action] = []
         for child in self.children.values():
             if not child.killed:
                 child.killed = True
-                actions.append(Signal(child.pid, signal.SIGKILL, why))
+                actions.append(Signal(child.pid, signal.SIGKILL, why, expected))
         return actions

@@ -299,6 +299,10 @@ class Shoal:
         (pid,) = [p for p in self.child_pids() if _cmdline(p).startswith("shoal: housekeeper")]
         return pid
 
+    def task_pool_pid(self) -> int | None:
+        pids = [p for p in self.child_pids() if _cmdline(p).startswith("shoal: task pool")]
+        return pids[0] if len(pids) == 1 else None
+
     def redis_pid(self) -> int:
         """The embedded Redis."""
         (pid,) = [p for p in self.child_pids() if "redis-server" in _cmdline(p)]

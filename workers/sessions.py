@@ -27,7 +27,7 @@ from shoal.core import app as app_api
 from shoal.core import protocol
 from shoal.core.errors import ProtocolError, ServiceUnavailable
 from shoal.core.jobs import Outcome
-from shoal.core.schema import CloseCode
+from shoal.core.schema import ADVICE, CloseCode
 from shoal.workers import eager
 from shoal.workers.admission import Admission
 from shoal.workers.connection import Connection
@@ -81,6 +81,10 @@ class Sessions:
     ) -> None:
         self.worker_id = worker_id
         self.app = app
+        self.handled = 0
+        """Messages received from clients, for `server.max_request`."""
+        self.closing: CloseCode | None = None
+        """The worker is stopping: a connection whose handshake ends now is closed so."""
         self.hub = hub
         self.keeper = keeper
         self.admission = admission
@@ -131,6 +135,7 @@ class Sessions:
         conn: Connection | None = ws.session
         if conn is None:
             return  # being refused (an invalid user_id)
+        self.handled += 1
         if conn.busy:
             if conn.hold(data) == _INBOX_HIGH:
                 ws.pause_reading()
@@ -216,6 +221,8 @@ class Sessions:
             self._start(conn, self._on_open(self.app.open_handler, conn))
         finally:
             conn.ws.uncork()
+        if self.closing is not None:
+            conn.close_soon(self.closing, ADVICE[self.closing].reason)
 
     def _unregistered(self, conn: Connection) -> None:
         """Redis failed while registering: close with 1013, remove what was written."""

@@ -12,6 +12,13 @@ A worker that starts while Redis is unreachable waits for it, beating the scoreb
 the master knows it is alive, and listens only once Redis answers: a Redis outage never
 stops a node.
 
+It accepts on its slot's listening sockets, which the master opened and keeps
+(`shoal.server.listeners`). Told to stop (SIGTERM), it stops accepting and closes its
+clients with the code the master put in its seat: 1001 when the node stops, at once;
+1012 when it is replaced, spread over `server.reload_grace` so that its clients do not
+all reconnect in the same instant. When its slot is removed it is the last holder of
+its listener, and first accepts what the listener's queue holds (`drain`).
+
 The parts: `transport` (each TCP connection, on websockets' sans-I/O core), `sessions`
 (each client's life, the application's handlers), `hub` (local rooms, delivery across
 the cluster), `keeper` (this worker's state in Redis).
@@ -23,14 +30,15 @@ import asyncio
 import faulthandler
 import logging
 import os
+import random
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import uvloop
 
-from shoal.config.model import Config
 from shoal.core import app as app_api
 from shoal.core import loops, protocol
 from shoal.core import task as task_api
@@ -38,10 +46,10 @@ from shoal.core.backoff import full_jitter
 from shoal.core.bus import Bus
 from shoal.core.errors import BootError, ServiceUnavailable
 from shoal.core.keys import Keys
+from shoal.core.placement import Placement as ChildPlacement
 from shoal.core.registry import Registry, connect
 from shoal.core.resp import RedisAddress, Timeouts
 from shoal.core.schema import ADVICE, CloseCode
-from shoal.core.scoreboard import Scoreboard
 from shoal.workers import http, transport
 from shoal.workers.admission import Admission
 from shoal.workers.dispatcher import Tasks
@@ -62,16 +70,11 @@ def worker_id(node_id: str, slot: int, pid: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Placement:
-    """What the master gives a worker it forks."""
+class Placement(ChildPlacement):
+    """What the master gives a worker it forks: its slot, and the slot's listeners."""
 
-    config: Config
     slot: int
-    seat: int
-    node_id: str
-    redis_url: str
-    scoreboard: Scoreboard
-    master_pid: int
+    listeners: tuple[socket.socket, ...]
 
 
 class Worker:
@@ -83,6 +86,7 @@ class Worker:
         self.redis_url = placement.redis_url
         self.scoreboard = placement.scoreboard
         self.master_pid = placement.master_pid
+        self.listeners = placement.listeners
         self.id = worker_id(self.node_id, self.slot, os.getpid())
         self.app = app_api.load(self.config.app.module, self.config.app.settings)
         self.timeouts = Timeouts.from_config(self.config.redis)
@@ -135,7 +139,7 @@ class Worker:
         await bus.start()
         status = 0
         if await self._wait_for_redis():
-            server = await self._listen()
+            servers = await self._listen()
             self.scoreboard.set_ready(self.seat)
             logger.info(
                 "worker %s serving ws://%s:%d%s",
@@ -151,12 +155,14 @@ class Worker:
             ]
             if config.server.heartbeat_check_interval:
                 background.append(asyncio.create_task(self._keepalive(), name="keepalive"))
+            background.append(asyncio.create_task(self._progress(), name="progress"))
             if await loops.until_stopped(self.stopping, background, f"worker {self.id}"):
-                # The master says how clients should take it: 1001 for a stop.
+                # The master says how clients should take it: 1001 for a stop, 1012 when
+                # this worker is replaced.
                 code = CloseCode(self.scoreboard.close_code(self.seat) or CloseCode.GOING_AWAY)
             else:
                 status, code = EXIT_FAILED, CloseCode.INTERNAL_ERROR
-            await self._shutdown(server, code)
+            await self._shutdown(servers, code)
         await self.tasks.close()
         beat.cancel()
         await bus.close()
@@ -207,7 +213,7 @@ class Worker:
                 pass
         return False
 
-    async def _listen(self) -> asyncio.Server:
+    async def _listen(self) -> list[asyncio.Server]:
         server = self.config.server
         settings = transport.Settings.make(
             max_size=server.max_message_size,
@@ -216,14 +222,13 @@ class Worker:
             close_timeout=server.close_timeout,
             compression=server.websocket_compression,
         )
+        self.factory = transport.factory(self.sessions, settings)
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.get_running_loop().create_server(
-                transport.factory(self.sessions, settings),
-                server.host,
-                server.port,
-                reuse_port=True,
-                backlog=server.backlog,
-            )
+            return [
+                await loop.create_server(self.factory, sock=sock, backlog=server.backlog)
+                for sock in self.listeners
+            ]
         except OSError as exc:
             raise BootError(
                 f"cannot listen on {server.host}:{server.port}: {exc.strerror}"
@@ -275,6 +280,25 @@ class Worker:
                 elif silent >= interval and ws.is_open:
                     ws.write(protocol.PING_FRAME)
 
+    async def _progress(self) -> None:
+        """Publish the messages handled and Redis's state; ask to be replaced once
+        `server.max_request` (plus this worker's jitter) messages were handled."""
+        server = self.config.server
+        limit = server.max_request + random.randint(0, server.max_request_jitter)
+        asked = False
+        while True:
+            handled = self.sessions.handled
+            self.scoreboard.set_progress(self.seat, handled, redis_up=self._healthy())
+            if server.max_request and handled >= limit and not asked:
+                asked = True
+                logger.info(
+                    "worker %s handled %d messages (server.max_request); asking to be replaced",
+                    self.id,
+                    handled,
+                )
+                self.scoreboard.request_recycle(self.seat)
+            await asyncio.sleep(loops.BEAT_PERIOD)
+
     def _on_bus_messages(self, messages: list[tuple[bytes, bytes]]) -> None:
         self.hub.deliver(messages)
 
@@ -284,28 +308,69 @@ class Worker:
             # Redis may have come back empty: check now rather than at the next beat.
             self.hub.spawn(self.keeper.refresh())
 
-    async def _shutdown(self, server: asyncio.Server, code: CloseCode) -> None:
-        """Stop accepting, close every client with `code`, remove this worker's state."""
+    async def _shutdown(self, servers: list[asyncio.Server], code: CloseCode) -> None:
+        """Stop accepting, close every client with `code`, remove this worker's state.
+
+        Replaced (1012), it spreads the closes over `server.reload_grace`.
+        """
         timeout = self.config.server.shutdown_timeout
+        grace = self.config.server.reload_grace if code == CloseCode.SERVICE_RESTART else 0.0
+        self.sessions.closing = code
+        if self.scoreboard.drain(self.seat):
+            self._drain()
+        for server in servers:
+            server.close()
         sockets = list(self.sessions.open)
         logger.info(
-            "worker %s stopping: closing %d connections with %d", self.id, len(sockets), code
+            "worker %s stopping: closing %d connections with %d%s",
+            self.id,
+            len(sockets),
+            code,
+            f" over {grace:g} s" if grace and sockets else "",
         )
-        server.close()
-        reason = ADVICE[code].reason
+        loop = asyncio.get_running_loop()
         for ws in sockets:
-            if ws.session is not None:
-                ws.session.close_soon(code, reason)
+            if grace:
+                loop.call_later(random.uniform(0, grace), self._close, ws, code)
             else:
-                ws.close(code, reason)
+                self._close(ws, code)
         try:
-            async with asyncio.timeout(timeout * 0.8):
-                # Each closes within close_timeout, or is dropped then.
-                await asyncio.gather(*(ws.wait_closed() for ws in sockets))
-                await self.sessions.drain()
+            async with asyncio.timeout(grace + timeout * 0.8):
+                # Each closes within close_timeout, or is dropped then; a handshake that
+                # was under way ends in a close too (`Sessions.closing`).
+                while self.sessions.open or self.sessions.registering:
+                    await asyncio.gather(*(ws.wait_closed() for ws in list(self.sessions.open)))
+                    await self.sessions.drain()
                 await self.hub.registry.forget_worker(self.id)
         except (TimeoutError, ServiceUnavailable) as exc:
             logger.warning("worker %s stopped before its state was removed: %r", self.id, exc)
+
+    @staticmethod
+    def _close(ws: transport.WebSocket, code: CloseCode) -> None:
+        reason = ADVICE[code].reason
+        if ws.session is not None:
+            ws.session.close_soon(code, reason)
+        else:
+            ws.close(code, reason)
+
+    def _drain(self) -> None:
+        """Accept what the listeners' queues hold: this worker is their last holder, and
+        closing them would reset those connections (`net.ipv4.tcp_migrate_req` aside)."""
+        loop = asyncio.get_running_loop()
+        drained = 0
+        for listener in self.listeners:
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                except OSError:  # BlockingIOError once empty
+                    break
+                drained += 1
+                self.hub.spawn(self._adopt(loop, sock))
+        if drained:
+            logger.info("worker %s accepted %d queued connections before closing", self.id, drained)
+
+    async def _adopt(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        await loop.connect_accepted_socket(self.factory, sock)
 
 
 def run(placement: Placement) -> int:

@@ -11,7 +11,19 @@ import signal
 
 import pytest
 
-from shoal.server.supervisor import Action, Exit, Fail, Kind, Policy, Signal, Spawn, Supervisor
+from shoal.server.supervisor import (
+    Action,
+    Drop,
+    Exit,
+    Fail,
+    Kind,
+    Policy,
+    Retire,
+    Rolled,
+    Signal,
+    Spawn,
+    Supervisor,
+)
 
 POLICY = Policy(
     worker_timeout=30.0,
@@ -391,3 +403,151 @@ def test_running_until_stopped_and_every_child_gone() -> None:
     assert sup.running()  # a respawn is due: still running
     sup.stop(2.0, timeout=5.0)
     assert not sup.running()  # stopping, and no child left
+
+
+# Rollouts: replacement first, one slot at a time
+
+
+def _ready_all(node: Node, now: float) -> None:
+    for kind, slot in list(node.pids):
+        node.ready(kind, slot, now)
+
+
+def _rollout_step(node: Node, actions: list[Action], now: float) -> Spawn:
+    """The one spawn a rollout step asks for, started at `now`."""
+    (spawn,) = [a for a in actions if isinstance(a, Spawn)]
+    assert spawn.replaces is not None
+    node.spawn([spawn], now)
+    return spawn
+
+
+def test_reload_replaces_each_worker_after_its_replacement_is_ready() -> None:
+    node = Node({Kind.WEBSOCKET: 2, Kind.HOUSEKEEPER: 1})
+    node.boot(0.0)
+    _ready_all(node, 0.5)
+    old = [node.pid(Kind.WEBSOCKET, 0), node.pid(Kind.WEBSOCKET, 1)]
+    first = _rollout_step(node, node.sup.reload(1.0, (Kind.WEBSOCKET, Kind.TASKS)), 1.0)
+    assert (first.slot, first.replaces, first.generation) == (0, old[0], 2)
+    # Not ready yet: the old worker is left alone, and nothing else starts.
+    assert node.sup.tick(2.0) == []
+    node.ready(Kind.WEBSOCKET, 0, 2.5)
+    actions = node.sup.tick(3.0)
+    assert Retire(old[0], f"replaced by worker 0 (pid {node.pid(Kind.WEBSOCKET, 0)})") in actions
+    second = _rollout_step(node, actions, 3.0)
+    assert (second.slot, second.replaces) == (1, old[1])
+    # The retired worker's exit is expected and starts nothing.
+    exit_, after = node.sup.exited(old[0], 0, 3.5)
+    assert exit_ is not None and exit_.expected and after == []
+    node.ready(Kind.WEBSOCKET, 1, 4.0)
+    actions = node.sup.tick(4.5)
+    assert [type(a) for a in actions] == [Retire, Rolled]
+    assert actions[-1] == Rolled(ok=True, seconds=3.5)
+    # The housekeeper is not part of a reload.
+    assert node.pid(Kind.HOUSEKEEPER) in node.sup.children
+
+
+def test_replacement_dying_while_starting_aborts_the_reload() -> None:
+    """uvicorn's rule: a reload that cannot start a healthy worker leaves the old ones."""
+    node = Node({Kind.WEBSOCKET: 2})
+    node.boot(0.0)
+    _ready_all(node, 0.5)
+    old = node.pid(Kind.WEBSOCKET, 0)
+    _rollout_step(node, node.sup.reload(1.0, (Kind.WEBSOCKET,)), 1.0)
+    # Even the "cannot start" status (a broken application) only aborts the reload.
+    exit_, actions = node.die(Kind.WEBSOCKET, 0, 2.0, code=3)
+    assert exit_ is not None and not exit_.expected
+    assert actions == [Rolled(ok=False, seconds=1.0, reason="worker 0 died while starting")]
+    assert node.sup.failure is None
+    assert old in node.sup.children and node.sup.tick(3.0) == []
+
+
+def test_replacement_not_ready_in_time_is_killed_and_the_reload_aborted() -> None:
+    node = Node({Kind.WEBSOCKET: 1}, Policy(ready_timeout=5.0))
+    node.boot(0.0)
+    _ready_all(node, 0.5)
+    _rollout_step(node, node.sup.reload(1.0, (Kind.WEBSOCKET,)), 1.0)
+    new = node.pid(Kind.WEBSOCKET, 0)
+    actions = node.sup.tick(7.0)
+    assert Signal(new, signal.SIGKILL, "not ready in time") in actions
+    assert actions[-1] == Rolled(
+        ok=False, seconds=6.0, reason=f"worker 0 (pid {new}) was not ready within 5 s"
+    )
+    exit_, after = node.sup.exited(new, -9, 7.1)
+    assert exit_ is not None and exit_.expected and after == []
+
+
+def test_reload_asked_again_while_running_rolls_every_slot_once_more() -> None:
+    node = Node({Kind.WEBSOCKET: 1})
+    node.boot(0.0)
+    _ready_all(node, 0.5)
+    _rollout_step(node, node.sup.reload(1.0, (Kind.WEBSOCKET,)), 1.0)
+    assert node.sup.reload(1.5, (Kind.WEBSOCKET,)) == []
+    node.ready(Kind.WEBSOCKET, 0, 2.0)
+    actions = node.sup.tick(2.0)
+    assert Rolled(ok=True, seconds=1.0) in actions
+    again = _rollout_step(node, actions, 2.0)
+    assert again.generation == 3
+
+
+def test_recycle_replaces_one_worker_once() -> None:
+    node = Node({Kind.WEBSOCKET: 2})
+    node.boot(0.0)
+    _ready_all(node, 0.5)
+    pid = node.pid(Kind.WEBSOCKET, 1)
+    spawn = _rollout_step(node, node.sup.recycle(pid, 1.0), 1.0)
+    assert (spawn.slot, spawn.replaces) == (1, pid)
+    assert node.sup.recycle(pid, 1.1) == []  # asked again every turn: once is enough
+    node.ready(Kind.WEBSOCKET, 1, 1.5)
+    assert node.sup.tick(2.0) == [
+        Retire(pid, f"replaced by worker 1 (pid {node.pid(Kind.WEBSOCKET, 1)})")
+    ]
+
+
+def test_old_worker_dying_during_its_replacement_is_not_respawned() -> None:
+    node = Node({Kind.WEBSOCKET: 1})
+    node.boot(0.0)
+    _ready_all(node, 0.5)
+    old = node.pid(Kind.WEBSOCKET, 0)
+    _rollout_step(node, node.sup.reload(1.0, (Kind.WEBSOCKET,)), 1.0)
+    exit_, actions = node.sup.exited(old, -9, 1.5)
+    assert exit_ is not None and not exit_.expected and actions == []
+    node.ready(Kind.WEBSOCKET, 0, 2.0)
+    assert node.sup.tick(2.5) == [Rolled(ok=True, seconds=1.5)]
+
+
+def test_retiring_worker_that_does_not_exit_is_killed() -> None:
+    node = Node({Kind.WEBSOCKET: 1}, Policy(retire_timeout=4.0))
+    node.boot(0.0)
+    _ready_all(node, 0.5)
+    old = node.pid(Kind.WEBSOCKET, 0)
+    _rollout_step(node, node.sup.reload(1.0, (Kind.WEBSOCKET,)), 1.0)
+    node.ready(Kind.WEBSOCKET, 0, 1.5)
+    node.sup.tick(2.0)
+    node.sup.observe(old, ready=True, beat=6.0)  # still beating: not stuck, just slow
+    assert Signal(old, signal.SIGKILL, "still retiring after its time to finish") in node.sup.tick(
+        6.5
+    )
+
+
+def test_scale_adds_the_next_slot_and_removes_the_highest() -> None:
+    node = Node({Kind.WEBSOCKET: 2})
+    node.boot(0.0)
+    _ready_all(node, 0.5)
+    assert node.sup.scale(1.0, 3) == [Spawn(Kind.WEBSOCKET, 2, 1)]
+    node.spawn([Spawn(Kind.WEBSOCKET, 2, 1)], 1.0)
+    highest = node.pid(Kind.WEBSOCKET, 2)
+    actions = node.sup.scale(2.0, 2)
+    assert actions == [Drop(2), Retire(highest, "its slot was removed", drain=True)]
+    assert node.sup.worker_slots() == [0, 1]
+    exit_, after = node.sup.exited(highest, 0, 2.5)
+    assert exit_ is not None and exit_.expected and after == []
+
+
+def test_sigquit_kills_every_child_at_once() -> None:
+    node = Node({Kind.WEBSOCKET: 1, Kind.HOUSEKEEPER: 1, Kind.REDIS: 1})
+    node.boot(0.0)
+    kills = node.sup.kill(1.0)
+    assert {a.pid for a in kills if isinstance(a, Signal) and a.signum == signal.SIGKILL} == set(
+        node.pids.values()
+    )
+    assert node.sup.kill(1.5) == []  # already killed

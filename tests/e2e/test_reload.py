@@ -1,0 +1,243 @@
+"""Rolling reloads, recycling and scaling, on real processes: SIGHUP, SIGUSR1, SIGUSR2,
+SIGTTIN / SIGTTOU and `server.max_request`, with clients connected and connecting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from websockets.exceptions import ConnectionClosed
+
+from support import SCALE, Client, Shoal, client, clients_on_workers, eventually, join, wait_until
+
+GRACE = 2.0
+
+
+@pytest.fixture
+def node(tmp_path: Path, settings: dict[str, Any]) -> Any:
+    settings["server"]["reload_grace"] = GRACE
+    node = Shoal(tmp_path, settings).start()
+    yield node
+    node.stop()
+
+
+def rewrite(node: Shoal, change: dict[str, dict[str, Any]]) -> None:
+    """Change the node's config file, section by section."""
+    settings = yaml.safe_load(node.config_path.read_text())
+    for section, values in change.items():
+        settings.setdefault(section, {}).update(values)
+    node.config_path.write_text(yaml.safe_dump(settings))
+
+
+def replaced(node: Shoal, old: set[int]) -> set[int] | None:
+    """The worker pids once none of `old` is left and every slot serves again."""
+    pids = set(node.worker_pids())
+    if pids & old or len(pids) != node.workers:
+        return None
+    health = node.health(expect_ok=True)
+    return pids if health is not None else None
+
+
+async def closed_with(c: Client) -> tuple[int | None, float]:
+    """Read until the server closes; returns its close code and when it came."""
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await c.ws.recv()
+    received = c.ws.protocol.close_rcvd
+    return (received.code if received else None), time.monotonic()
+
+
+async def connect_loop(node: Shoal, stop: asyncio.Event) -> tuple[int, list[str]]:
+    """Connect, read the welcome and leave, over and over; returns (successes, failures)."""
+    ok, failures = 0, []
+    while not stop.is_set():
+        try:
+            async with client(node.url()):
+                ok += 1
+        except Exception as exc:  # every way a handshake can fail counts
+            failures.append(repr(exc))
+    return ok, failures
+
+
+async def test_sighup_replaces_every_worker_under_traffic(node: Shoal) -> None:
+    """Every worker is replaced, each old client is told 1012 within reload_grace (spread
+    over it), messages keep flowing, and a client connecting in a loop is never refused
+    or reset."""
+    old = set(node.worker_pids())
+    users = [f"u{n}" for n in range(12)]
+    async with clients_on_workers(node, users) as clients:
+        await join("lobby", *clients[:2])
+        stop = asyncio.Event()
+        loop = asyncio.create_task(connect_loop(node, stop))
+        await eventually(lambda: _true_after(loop), 5, "the connect loop to start")
+        closes = [asyncio.create_task(closed_with(c)) for c in clients]
+        hup = time.monotonic()
+        node.signal(signal.SIGHUP)
+        new = await asyncio.to_thread(wait_until, lambda: replaced(node, old), 30, "new workers")
+        results = await asyncio.gather(*closes)
+        # Let the loop run on against the new workers for a moment, then stop it.
+        await asyncio.to_thread(
+            wait_until, lambda: "reload done" in node.log(), 10, "the reload to finish"
+        )
+        stop.set()
+        ok, failures = await loop
+    assert failures == [], failures[:5]
+    assert ok > 10
+    assert {code for code, _ in results} == {1012}
+    by_worker: dict[str, list[float]] = {}
+    for c, (_, at) in zip(clients, results, strict=True):
+        by_worker.setdefault(c.worker, []).append(at)
+    for times in by_worker.values():
+        # Within the grace of its worker's retirement, and not all in one instant.
+        assert max(times) - min(times) <= GRACE + 1 * SCALE
+        assert max(times) - min(times) > GRACE / 10
+    assert max(at for _, at in results) - hup < 2 * (GRACE + 5) * SCALE
+    assert not new & old
+    # The new workers serve rooms across the node.
+    async with clients_on_workers(node, ["a", "b"]) as (a, b):
+        await join("after", a, b)
+        await a.send({"type": "room_message", "room": "after", "message": "hi"})
+        assert (await b.expect("room_message"))["message"] == "hi"
+
+
+async def _true_after(task: asyncio.Task[Any]) -> bool:
+    await asyncio.sleep(0.2)  # lets the loop connect a few times; not an assertion wait
+    return not task.done()
+
+
+async def test_sighup_applies_a_changed_config(node: Shoal) -> None:
+    """New workers run with what the file now says (here, a smaller message limit)."""
+    rewrite(node, {"server": {"max_message_size": 1000, "buffer_output_size": 2_097_152}})
+    old = set(node.worker_pids())
+    node.signal(signal.SIGHUP)
+    await asyncio.to_thread(wait_until, lambda: replaced(node, old), 30, "new workers")
+    async with client(node.url()) as c:
+        await c.ws.send("x" * 2000)
+        code, _ = await closed_with(c)
+    assert code == 1009
+
+
+async def test_broken_config_changes_nothing(node: Shoal) -> None:
+    old = set(node.worker_pids())
+    node.config_path.write_text("server: {worker_num: -1}\n")
+    node.signal(signal.SIGHUP)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: "the configuration is invalid; nothing changed" in node.log(),
+        10,
+        "the refusal",
+    )
+    assert "server.worker_num" in node.log()
+    assert set(node.worker_pids()) == old
+    async with client(node.url()):
+        pass
+
+
+async def test_settings_that_cannot_change_keep_their_value(node: Shoal) -> None:
+    """A new port is refused with one line; the rest of the reload goes on."""
+    rewrite(node, {"server": {"port": node.port + 1}})
+    old = set(node.worker_pids())
+    node.signal(signal.SIGHUP)
+    await asyncio.to_thread(wait_until, lambda: replaced(node, old), 30, "new workers")
+    log = node.log()
+    assert log.count("server.port cannot change while shoal runs") == 1
+    async with client(node.url()):
+        pass
+
+
+async def test_sigusr1_reloads_without_reading_the_file(node: Shoal) -> None:
+    rewrite(node, {"server": {"worker_num": 3}})
+    old = set(node.worker_pids())
+    node.signal(signal.SIGUSR1)
+    await asyncio.to_thread(wait_until, lambda: replaced(node, old), 30, "new workers")
+    assert len(node.worker_pids()) == 2
+
+
+async def test_reload_that_cannot_start_a_worker_is_aborted(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    """The new code fails to import: the old workers keep serving, the node stays up."""
+    apps = tmp_path / "apps"
+    apps.mkdir()
+    (apps / "myapp.py").write_text("from shoal.core.app import App\n\napp = App()\n")
+    settings["app"] = {"module": "myapp:app"}
+    node = Shoal(tmp_path, settings).start(app_path=apps)
+    try:
+        old = set(node.worker_pids())
+        (apps / "myapp.py").write_text("raise RuntimeError('broken deploy')\n")
+        node.signal(signal.SIGHUP)
+        await asyncio.to_thread(
+            wait_until, lambda: "reload aborted" in node.log(), 30, "the reload to abort"
+        )
+        assert "RuntimeError('broken deploy')" in node.log()
+        assert set(node.worker_pids()) == old
+        assert node.process is not None and node.process.poll() is None
+        assert (
+            "died while starting: exit status 3; the one it was to replace serves on" in node.log()
+        )
+        async with client(node.url(), welcome=None):
+            pass
+    finally:
+        node.stop()
+
+
+async def test_sigttin_and_sigttou_add_and_remove_a_worker(node: Shoal) -> None:
+    node.signal(signal.SIGTTIN)
+    node.workers = 3
+    await asyncio.to_thread(wait_until, lambda: node.health(expect_ok=True), 15, "3 workers")
+    async with clients_on_workers(node, ["a", "b", "c"], workers=3) as clients:
+        slot_2 = [c for c in clients if c.worker.split(".")[1] == "2"]
+        assert slot_2
+        closes = [asyncio.create_task(closed_with(c)) for c in slot_2]
+        node.signal(signal.SIGTTOU)
+        node.workers = 2
+        await asyncio.to_thread(wait_until, lambda: len(node.worker_pids()) == 2, 15, "2 workers")
+        assert {code for code, _ in await asyncio.gather(*closes)} == {1012}
+    assert node.health(expect_ok=True) is not None
+
+
+async def test_max_request_recycles_a_worker_replacement_first(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    settings["server"].update({"worker_num": 1, "max_request": 20, "reload_grace": 0})
+    node = Shoal(tmp_path, settings).start()
+    try:
+        (old,) = node.worker_pids()
+        async with client(node.url("a")) as c:
+            for _ in range(25):
+                await c.request({"type": "presence"}, "presence")
+            code, _ = await closed_with(c)
+        assert code == 1012
+        await asyncio.to_thread(wait_until, lambda: replaced(node, {old}), 15, "a new worker")
+        assert "(server.max_request); asking to be replaced" in node.log()
+        async with client(node.url("b")):
+            pass
+    finally:
+        node.stop()
+
+
+async def test_sigusr2_replaces_the_task_pool(tmp_path: Path, settings: dict[str, Any]) -> None:
+    settings["tasks"] = {"task_worker_num": 1}
+    node = Shoal(tmp_path, settings).start()
+    try:
+        pool = node.task_pool_pid()
+        workers = set(node.worker_pids())
+        node.signal(signal.SIGUSR2)
+        await asyncio.to_thread(
+            wait_until, lambda: node.task_pool_pid() not in (None, pool), 15, "a new task pool"
+        )
+        assert set(node.worker_pids()) == workers
+        async with client(node.url("a")) as c:
+            dispatched = await c.request(
+                {"type": "task", "task": "noop", "data": {}}, "task_dispatched"
+            )
+            result = await c.expect("task_result", timeout=15)
+        assert result["task_id"] == dispatched["task_id"]
+    finally:
+        node.stop()
