@@ -91,6 +91,7 @@ class Sessions:
         self.router = router
         self.loop = asyncio.get_running_loop()
         self.open: set[WebSocket] = set()
+        self.handshaking: set[WebSocket] = set()
         # Handlers that had to wait: asyncio keeps only weak references to tasks.
         self.running: set[asyncio.Task[None]] = set()
         # Registrations on their way to Redis (`opened()`).
@@ -99,10 +100,14 @@ class Sessions:
 
     # The transport's callbacks
 
+    def made(self, ws: WebSocket) -> None:
+        self.handshaking.add(ws)
+
     def route(self, ws: WebSocket, request: Request) -> Response | None:
         return self.router(ws, request)
 
     def opened(self, ws: WebSocket, request: Request) -> None:
+        self.handshaking.discard(ws)
         self.open.add(ws)
         try:
             user = user_from(request.path) or f"u-{secrets.token_hex(6)}"
@@ -147,6 +152,7 @@ class Sessions:
             ws.admitted = False
             self.admission.release()
         self.open.discard(ws)
+        self.handshaking.discard(ws)
         conn: Connection | None = ws.session
         if conn is None:
             return

@@ -45,6 +45,9 @@ _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 class Handlers(Protocol):
     """What the worker does for each connection (`shoal.workers.worker.Worker`)."""
 
+    def made(self, ws: WebSocket) -> None:
+        """A TCP connection was accepted; its handshake is to come."""
+
     def route(self, ws: WebSocket, request: Request) -> Response | None:
         """Answer a plain HTTP request or refuse a handshake; None to accept it."""
 
@@ -171,6 +174,7 @@ class WebSocket(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.last_seen = self.loop.time()
         self._timer = self.loop.call_later(self.settings.open_timeout, self._too_slow, "opening")
+        self.handlers.made(self)
 
     def data_received(self, data: bytes) -> None:
         if self.pending is not None:  # corked: it all goes out at `uncork()`

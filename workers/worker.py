@@ -336,11 +336,15 @@ class Worker:
                 self._close(ws, code)
         try:
             async with asyncio.timeout(grace + timeout * 0.8):
-                # Each closes within close_timeout, or is dropped then; a handshake that
-                # was under way ends in a close too (`Sessions.closing`).
-                while self.sessions.open or self.sessions.registering:
-                    await asyncio.gather(*(ws.wait_closed() for ws in list(self.sessions.open)))
-                    await self.sessions.drain()
+                # Each closes within close_timeout, or is dropped then. A handshake
+                # under way completes, then ends in a close too (`Sessions.closing`):
+                # it was accepted, and is not to be reset.
+                sessions = self.sessions
+                while sessions.open or sessions.handshaking or sessions.registering:
+                    await asyncio.gather(
+                        *(ws.wait_closed() for ws in [*sessions.open, *sessions.handshaking])
+                    )
+                    await sessions.drain()
                 await self.hub.registry.forget_worker(self.id)
         except (TimeoutError, ServiceUnavailable) as exc:
             logger.warning("worker %s stopped before its state was removed: %r", self.id, exc)

@@ -30,6 +30,9 @@ class Recorder:
         self.messages: list[str | bytes] = []
         self.gone = False
 
+    def made(self, ws: transport.WebSocket) -> None:
+        pass
+
     def route(self, ws: transport.WebSocket, request: Request) -> Response | None:
         return None
 
