@@ -11,7 +11,8 @@ and `WATCHDOG=1` at least once per `WATCHDOG_USEC` microseconds when the unit se
 systemd accepts these from the main process alone (`NotifyAccess=main`, the default),
 so the master reads the variables once, before it forks or spawns anything, and removes
 them from the environment, as `sd_notify(unset_environment=1)` does: no child, not even
-an embedded redis-server (which speaks the protocol too), can notify on its behalf.
+an embedded redis-server (which speaks the protocol too when set to `supervised auto` or
+`supervised systemd`), inherits the socket and notifies on the master's behalf.
 
 Sending never raises: when systemd is gone or its queue is full the notification is
 dropped, logged at debug level, and the service carries on.
