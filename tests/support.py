@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -236,15 +236,21 @@ class Shoal:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(
-        self, *, wait: bool = True, app_path: Path | None = None, wrapper: tuple[str, ...] = ()
+        self,
+        *,
+        wait: bool = True,
+        app_path: Path | None = None,
+        wrapper: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
     ) -> Shoal:
         """Run `shoal serve`; with `wait`, return once every worker is up.
 
         Args:
             app_path: a folder to import applications from (PYTHONPATH).
             wrapper: a command to run shoal under (e.g. `unshare ...`).
+            env: variables to add to the test's environment (e.g. NOTIFY_SOCKET).
         """
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         if app_path is not None:
             env["PYTHONPATH"] = os.pathsep.join(
                 filter(None, [str(app_path), env.get("PYTHONPATH")])
