@@ -47,6 +47,7 @@ from shoal.core.schema import CloseCode
 from shoal.core.scoreboard import Scoreboard
 from shoal.server import housekeeper, listeners
 from shoal.server.embedded import EmbeddedRedis
+from shoal.server.notify import Notifier
 from shoal.server.supervisor import (
     Action,
     Drop,
@@ -125,6 +126,10 @@ class Master:
         self.dead_workers: list[str] = []
         self.housekeeper_fd: int | None = None
         self._wakeup_r, self._wakeup_w = -1, -1
+        self.notifier = Notifier(None)
+        self.serving = False  # every worker was ready once: READY=1 was sent
+        self.next_watchdog = 0.0
+        self.next_status = 0.0
 
     def _task_processes(self, config: Config) -> int:
         if self.tasks_only and not config.task_processes:
@@ -142,6 +147,8 @@ class Master:
         """
         server = self.config.server
         logs.set_role("master")
+        # Before anything is spawned: no child inherits the service manager's socket.
+        self.notifier = Notifier.from_environ()
         if not self.tasks_only:
             _check_port_free(server.host, server.port)
             for slot in range(server.worker_num):
@@ -184,7 +191,9 @@ class Master:
                 self._observe()
                 self._execute(self.supervisor.tick(time.monotonic()))
                 self._notify_housekeeper()
+                self._announce(time.monotonic())
         finally:
+            self.notifier.close()
             for slot in list(self.listeners):
                 self._drop_listener(slot)
             if self.embedded is not None:
@@ -244,12 +253,49 @@ class Master:
                 logger.warning("SIGUSR2: this node runs no task pool; nothing to restart")
                 return
             logger.info("SIGUSR2: replacing the task pool")
+            self._begin_reload()
             self._execute(self.supervisor.reload(now, (Kind.TASKS,)))
         elif signum in (signal.SIGTTIN, signal.SIGTTOU) and not self.tasks_only:
             workers = len(self.supervisor.worker_slots())
             self._scale(now, workers + (1 if signum == signal.SIGTTIN else -1), name)
 
+    def _announce(self, now: float) -> None:
+        """Tell the service manager (systemd) how the node is."""
+        if not self.serving and not self.supervisor.stopping and self._all_ready():
+            self.serving = True
+            self.notifier.ready()
+            logger.info("shoal node %s ready", self.node_id)
+            self.next_status = 0.0
+        interval = self.notifier.watchdog_interval
+        if interval and now >= self.next_watchdog:
+            self.notifier.watchdog()
+            self.next_watchdog = now + interval / 2
+        if self.notifier.enabled and now >= self.next_status and not self.supervisor.stopping:
+            self.next_status = now + 10.0
+            self.notifier.status(self._status_line())
+
+    def _all_ready(self) -> bool:
+        kinds = {Kind.TASKS} if self.tasks_only else {Kind.WEBSOCKET}
+        ready = {
+            (child.kind, child.slot)
+            for child in self.supervisor.children.values()
+            if child.kind in kinds and child.ready_at is not None
+        }
+        return all(key in ready for key in self.supervisor.slots if key[0] in kinds)
+
+    def _status_line(self) -> str:
+        if self.supervisor.stopping:
+            return "stopping"
+        state = "reloading; " if self.supervisor.reloading is not None else ""
+        if self.tasks_only:
+            return f"{state}task pool of {self.task_processes} processes"
+        workers = len(self.supervisor.worker_slots())
+        return f"{state}{workers} workers, {self.scoreboard.connections()} connections"
+
     def _stop(self, *, now: bool = False) -> None:
+        if not self.supervisor.stopping:
+            self.notifier.stopping()
+            self.notifier.status("stopping")
         for pid, seat in self.seats.items():
             if pid in self.worker_ids:
                 self.scoreboard.set_close_code(seat, CloseCode.GOING_AWAY)
@@ -279,7 +325,13 @@ class Master:
             logger.info("%s: replacing every worker", "SIGHUP" if reread else "SIGUSR1")
         if not self.tasks_only:
             self._scale(now, self.config.server.worker_num, "reload")
+        self._begin_reload()
         self._execute(self.supervisor.reload(now, kinds))
+
+    def _begin_reload(self) -> None:
+        if self.supervisor.reloading is None and self.serving:
+            self.notifier.reloading()
+            self.notifier.status("reloading")
 
     def _apply(self, config: Config) -> None:
         """Take a re-read configuration, keeping what cannot change in a running node."""
@@ -382,6 +434,9 @@ class Master:
             os.kill(action.pid, signal.SIGTERM)
 
     def _rolled(self, action: Rolled) -> None:
+        if self.serving:
+            self.notifier.ready()
+            self.next_status = 0.0
         if action.ok:
             logger.info("reload done in %.1f s", action.seconds)
         else:
