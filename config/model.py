@@ -58,6 +58,7 @@ class ServerConfig(_Section):
     close_timeout: PositiveFloat = 3.0
     shutdown_timeout: PositiveFloat = 10.0
     worker_timeout: PositiveFloat = 30.0
+    pid_file: str | None = None
 
     @field_validator("path")
     @classmethod
@@ -73,6 +74,14 @@ class ServerConfig(_Section):
     def _node_id(cls, value: str | None) -> str | None:
         if value is not None and not _NODE_ID.fullmatch(value):
             raise ValueError("must be 1-32 letters, digits, '_' or '-'")
+        return value
+
+    @field_validator("pid_file")
+    @classmethod
+    def _pid_file(cls, value: str | None) -> str | None:
+        if value is not None and (not os.path.isabs(value) or value.endswith("/")):
+            # The master and `shoal status` may run in different working directories.
+            raise ValueError("must be an absolute file path, or null for the default")
         return value
 
     @model_validator(mode="after")
