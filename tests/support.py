@@ -334,6 +334,40 @@ def _cmdline(pid: int) -> str:
         return ""  # it just exited
 
 
+FAKE_MASTER = Path(__file__).parent / "server" / "fake_master.py"
+
+
+class FakeMaster:
+    """A stand-in for the master (tests/server/fake_master.py), for the tests of `shoal
+    reload|stop|status`: its process, pid file and what it printed."""
+
+    def __init__(self, pid_file: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.pid_file = pid_file
+        self.process = subprocess.Popen(
+            [sys.executable, str(FAKE_MASTER), str(pid_file), *flags],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self.process.stdout is not None
+        # It prints `ready` once its pid and status files are written.
+        assert self.process.stdout.readline() == "ready\n"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def finish(self) -> tuple[int, list[str]]:
+        """Wait for it to exit: its exit status and the signals it handled."""
+        out, _ = self.process.communicate(timeout=10 * SCALE)
+        return self.process.returncode, out.split()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate()
+
+
 class Client:
     """A plain `websockets` client speaking JSON: independent of shoal's own code."""
 

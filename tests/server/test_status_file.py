@@ -1,4 +1,5 @@
-"""The master's status file: round trip, errors, staleness."""
+"""The master's status file: round trip, errors, staleness, and how `shoal status`
+prints it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shoal.core.errors import StatusUnavailable
-from shoal.server import status
+from shoal.server import control, status
 
 T0 = 1_700_000_000.0
 
@@ -133,3 +134,40 @@ def test_a_status_older_than_five_seconds_is_stale() -> None:
     assert not written.stale(written.updated_at + 5)
     assert written.stale(written.updated_at + 5.1)
     assert written.uptime(T0 + 90) == 90
+
+
+def test_the_table() -> None:
+    """Workers by slot, aligned columns (numbers to the right), then the other facts."""
+    now = T0 + 3725
+    assert control.render(snapshot(), now, pid=4242) == (
+        "shoal node a1b2c3: reloading, master pid 4242, ws://127.0.0.1:9501/ws\n"
+        "\n"
+        "SLOT   PID  GENERATION  STATE       AGE  CONNECTIONS   MESSAGES\n"
+        "   0  4301           2  serving     25s            0          7\n"
+        "   1  4250           1  retiring  1h02m        1,204  1,234,567\n"
+        "\n"
+        "housekeeper  pid 4245, up 1h02m\n"
+        "task pool    pid 4246, 2 processes, up 1h02m\n"
+        "redis        127.0.0.1:6379: up\n"
+        "uptime       1h02m\n"
+        "reloads      3; the last 12m05s ago: aborted (worker 0 never became ready) in 12.5 s\n"
+    )
+
+
+def test_the_table_flags_a_stale_status_and_what_is_missing() -> None:
+    written = snapshot(
+        workers=(),
+        housekeeper=None,
+        task_pool=None,
+        redis=status.Redis(address="embedded", embedded=True, up=None),
+        last_reload=None,
+        reloads=0,
+    )
+    text = control.render(written, written.updated_at + 12, pid=4242)
+    assert "STALE: the master last wrote its status 12s ago: it may be stuck\n" in text
+    assert "no workers\n" in text
+    assert "housekeeper  none\n" in text and "task pool    none\n" in text
+    assert "redis        embedded (embedded): unknown\n" in text
+    assert "reloads      0\n" in text
+    other = control.render(written, written.updated_at, pid=5000)
+    assert "STALE: this status was written by pid 4242, not by the running master" in other
