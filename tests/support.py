@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -236,25 +238,35 @@ class Shoal:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(
-        self, *, wait: bool = True, app_path: Path | None = None, wrapper: tuple[str, ...] = ()
+        self,
+        *,
+        wait: bool = True,
+        app_path: Path | None = None,
+        wrapper: tuple[str, ...] = (),
+        nofile: int | None = None,
     ) -> Shoal:
         """Run `shoal serve`; with `wait`, return once every worker is up.
 
         Args:
             app_path: a folder to import applications from (PYTHONPATH).
             wrapper: a command to run shoal under (e.g. `unshare ...`).
+            nofile: the soft open-files limit to start it with (the hard limit is kept).
         """
+
         env = dict(os.environ)
         if app_path is not None:
             env["PYTHONPATH"] = os.pathsep.join(
                 filter(None, [str(app_path), env.get("PYTHONPATH")])
             )
+        limit = None if nofile is None else functools.partial(_limit_open_files, nofile)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [*wrapper, *SHOAL, "serve", "--config", str(self.config_path)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                # Safe beside threads: the child calls setrlimit alone, which takes no lock.
+                preexec_fn=limit,  # noqa: PLW1509
             )
         if wait:
             wait_until(lambda: self.health(expect_ok=True), 15, f"shoal on :{self.port}")
@@ -325,6 +337,12 @@ class Shoal:
                         os.kill(pid, signal.SIGKILL)
                 self.process.kill()
                 self.process.wait()
+
+
+def _limit_open_files(soft: int) -> None:
+    """Set this process's soft open-files limit, keeping its hard limit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def _cmdline(pid: int) -> str:
