@@ -61,6 +61,7 @@ class ServerConfig(_Section):
     reload_grace: NonNegativeFloat = 5.0
     max_request: NonNegativeInt = 0
     max_request_jitter: NonNegativeInt = 0
+    pid_file: str | None = None
 
     @field_validator("path")
     @classmethod
@@ -76,6 +77,14 @@ class ServerConfig(_Section):
     def _node_id(cls, value: str | None) -> str | None:
         if value is not None and not _NODE_ID.fullmatch(value):
             raise ValueError("must be 1-32 letters, digits, '_' or '-'")
+        return value
+
+    @field_validator("pid_file")
+    @classmethod
+    def _pid_file(cls, value: str | None) -> str | None:
+        if value is not None and (not os.path.isabs(value) or value.endswith("/")):
+            # The master and `shoal status` may run in different working directories.
+            raise ValueError("must be an absolute file path, or null for the default")
         return value
 
     @model_validator(mode="after")

@@ -27,6 +27,20 @@ class BootError(ShoalError):
     application import failed, ...)."""
 
 
+class AlreadyRunning(ShoalError):
+    """The pid file names a live shoal master: another one must not start over it."""
+
+
+class NotRunning(ShoalError):
+    """No shoal master runs where the pid file says: there is no pid file, or it names a
+    process that is gone or is not a shoal master."""
+
+
+class StatusUnavailable(ShoalError):
+    """The master's status file is missing, unreadable, or of a version this shoal does
+    not read."""
+
+
 class ProtocolError(ShoalError):
     """A client message cannot be served; its text goes back in an error frame."""
 

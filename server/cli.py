@@ -1,4 +1,5 @@
-"""The `shoal` command: `serve`, `tasks`, `check-config`, `--version`."""
+"""The `shoal` command: `serve`, `tasks`, `reload`, `stop`, `status`, `check-config`,
+`--version`."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from shoal.config.model import Config
 from shoal.core import app, logs
 from shoal.core import task as task_api
 from shoal.core.errors import BootError, ConfigError, ShoalError
+from shoal.server import control, pidfile
 from shoal.server.master import Master
 
 EXIT_CONFIG = 2
+CONTROL_COMMANDS = ("reload", "stop", "status")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,11 +48,78 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_argument("--redis-url", help="redis.url (redis://...; not 'embedded')")
     tasks.add_argument("--log-level", help="log.level")
 
+    reload = commands.add_parser(
+        "reload",
+        help="reload the running master's workers (SIGHUP) and wait for the outcome",
+    )
+    _master_options(reload)
+    reload.add_argument(
+        "--timeout", type=_seconds, default=60.0, help="seconds to wait (default: 60)"
+    )
+
+    stop = commands.add_parser(
+        "stop", help="stop the running master (SIGTERM) and wait until it is gone"
+    )
+    _master_options(stop)
+    stop.add_argument(
+        "--timeout", type=_seconds, default=60.0, help="seconds to wait (default: 60)"
+    )
+    stop.add_argument(
+        "--now", action="store_true", help="stop at once (SIGQUIT), without a graceful close"
+    )
+
+    show = commands.add_parser("status", help="print the running master's status")
+    _master_options(show)
+    show.add_argument("--json", action="store_true", help="print the status as JSON")
+
     check = commands.add_parser(
         "check-config", help="validate a config file and print the resolved configuration"
     )
     check.add_argument("path", type=Path)
     return parser
+
+
+def _master_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        help="the master's YAML config file, to find its server.pid_file or server.port",
+    )
+    command.add_argument("--pid-file", type=Path, help="the master's pid file (overrides --config)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
+    return value
+
+
+def _control(args: argparse.Namespace) -> int:
+    """Run `reload`, `stop` or `status` against the master the pid file names.
+
+    Only `server.pid_file` and `server.port` matter here, so the config file is loaded
+    without the checks `serve` makes (application module, task modules).
+    """
+    try:
+        path: Path = args.pid_file or pidfile.resolve(loader.load(args.config).server)
+    except ConfigError as exc:
+        sys.stderr.write(f"shoal: invalid configuration:\n{exc}\n")
+        return EXIT_CONFIG
+    out, err = sys.stdout, sys.stderr
+    try:
+        if args.command == "reload":
+            return control.reload(path, args.timeout, out, err)
+        if args.command == "stop":
+            return control.stop(path, args.timeout, out, err, now=args.now)
+        return control.show(path, out, err, as_json=args.json)
+    except ShoalError as exc:
+        err.write(f"shoal: {exc}\n")
+        return control.EXIT_FAILED
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -81,6 +151,8 @@ def _load(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None)
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in CONTROL_COMMANDS:
+        return _control(args)
     try:
         if args.command == "check-config":
             config = _load(args.path)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -242,6 +244,7 @@ class Shoal:
         app_path: Path | None = None,
         wrapper: tuple[str, ...] = (),
         env: Mapping[str, str] | None = None,
+        nofile: int | None = None,
     ) -> Shoal:
         """Run `shoal serve`; with `wait`, return once every worker is up.
 
@@ -249,18 +252,22 @@ class Shoal:
             app_path: a folder to import applications from (PYTHONPATH).
             wrapper: a command to run shoal under (e.g. `unshare ...`).
             env: variables to add to the test's environment (e.g. NOTIFY_SOCKET).
+            nofile: the soft open-files limit to start it with (the hard limit is kept).
         """
         env = {**os.environ, **(env or {})}
         if app_path is not None:
             env["PYTHONPATH"] = os.pathsep.join(
                 filter(None, [str(app_path), env.get("PYTHONPATH")])
             )
+        limit = None if nofile is None else functools.partial(_limit_open_files, nofile)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [*wrapper, *SHOAL, "serve", "--config", str(self.config_path)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                # Safe beside threads: the child calls setrlimit alone, which takes no lock.
+                preexec_fn=limit,  # noqa: PLW1509
             )
         if wait:
             wait_until(lambda: self.health(expect_ok=True), 15, f"shoal on :{self.port}")
@@ -337,11 +344,51 @@ class Shoal:
                 self.process.wait()
 
 
+def _limit_open_files(soft: int) -> None:
+    """Set this process's soft open-files limit, keeping its hard limit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""  # it just exited
+
+
+FAKE_MASTER = Path(__file__).parent / "server" / "fake_master.py"
+
+
+class FakeMaster:
+    """A stand-in for the master (tests/server/fake_master.py), for the tests of `shoal
+    reload|stop|status`: its process, pid file and what it printed."""
+
+    def __init__(self, pid_file: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.pid_file = pid_file
+        self.process = subprocess.Popen(
+            [sys.executable, str(FAKE_MASTER), str(pid_file), *flags],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self.process.stdout is not None
+        # It prints `ready` once its pid and status files are written.
+        assert self.process.stdout.readline() == "ready\n"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def finish(self) -> tuple[int, list[str]]:
+        """Wait for it to exit: its exit status and the signals it handled."""
+        out, _ = self.process.communicate(timeout=10 * SCALE)
+        return self.process.returncode, out.split()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate()
 
 
 class Client:

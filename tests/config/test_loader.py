@@ -61,6 +61,7 @@ def test_app_settings_are_kept_for_the_application(tmp_path: Path) -> None:
         ("servr:\n  port: 1\n", "servr: unknown key"),
         ("server:\n  path: ws\n", "server.path: must start with '/'"),
         ("server:\n  path: /healthz\n", "server.path: /healthz is the health endpoint"),
+        ("server:\n  pid_file: run/shoal.pid\n", "server.pid_file: must be an absolute file path"),
         ("redis:\n  url: http://x\n", "redis.url: must be 'embedded' or a URL"),
         ("redis:\n  prefix: 'a:b'\n", "redis.prefix: must be 1-64 letters"),
         ("log:\n  format: xml\n", "log.format: Input should be 'text' or 'json'"),
