@@ -83,6 +83,9 @@ class Scoreboard:
     def set_connections(self, seat: int, count: int) -> None:
         self._connections[seat] = count
 
+    def connections_of(self, seat: int) -> int:
+        return int(self._connections[seat])
+
     def connections(self) -> int:
         """Connections admitted on this node, all workers together."""
         return int(sum(self._connections))

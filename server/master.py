@@ -36,6 +36,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
 
@@ -45,7 +46,7 @@ from shoal.core.errors import ConfigError, ShoalError
 from shoal.core.resp import RedisAddress
 from shoal.core.schema import CloseCode
 from shoal.core.scoreboard import Scoreboard
-from shoal.server import housekeeper, listeners
+from shoal.server import housekeeper, limits, listeners, pidfile, status
 from shoal.server.embedded import EmbeddedRedis
 from shoal.server.notify import Notifier
 from shoal.server.supervisor import (
@@ -130,6 +131,12 @@ class Master:
         self.serving = False  # every worker was ready once: READY=1 was sent
         self.next_watchdog = 0.0
         self.next_status = 0.0
+        self.next_snapshot = 0.0
+        self.status_path: Path | None = None
+        self.started_at = time.time()
+        self.reloads = 0
+        self.reload_at = 0.0  # unix time the running reload began
+        self.last_reload: status.Reload | None = None
 
     def _task_processes(self, config: Config) -> int:
         if self.tasks_only and not config.task_processes:
@@ -149,6 +156,20 @@ class Master:
         logs.set_role("master")
         # Before anything is spawned: no child inherits the service manager's socket.
         self.notifier = Notifier.from_environ()
+        warning = limits.raise_nofile(server.max_connection, server.worker_num)
+        if warning is not None:
+            logger.warning("%s", warning)
+        pid_path = pidfile.resolve(server, name="shoal-tasks" if self.tasks_only else "shoal")
+        with pidfile.PidFile(pid_path):
+            self.status_path = status.path_for(pid_path)
+            try:
+                return self._run()
+            finally:
+                with contextlib.suppress(OSError):
+                    self.status_path.unlink()
+
+    def _run(self) -> int:
+        server = self.config.server
         if not self.tasks_only:
             _check_port_free(server.host, server.port)
             for slot in range(server.worker_num):
@@ -192,6 +213,7 @@ class Master:
                 self._execute(self.supervisor.tick(time.monotonic()))
                 self._notify_housekeeper()
                 self._announce(time.monotonic())
+                self._write_status(time.monotonic())
         finally:
             self.notifier.close()
             for slot in list(self.listeners):
@@ -292,6 +314,84 @@ class Master:
         workers = len(self.supervisor.worker_slots())
         return f"{state}{workers} workers, {self.scoreboard.connections()} connections"
 
+    # The status file (`shoal status`)
+
+    def _write_status(self, now: float) -> None:
+        if self.status_path is None or now < self.next_snapshot:
+            return
+        self.next_snapshot = now + 1.0
+        try:
+            status.write(self.status_path, self._snapshot(now))
+        except OSError as exc:
+            logger.warning("cannot write the status file %s: %s", self.status_path, exc)
+            self.next_snapshot = now + 60.0
+
+    def _snapshot(self, now: float) -> status.Snapshot:
+        wall = time.time()
+        sup = self.supervisor
+        server = self.config.server
+        workers: list[status.Worker] = []
+        housekeeper_: status.Housekeeper | None = None
+        task_pool_: status.TaskPool | None = None
+        redis_up: list[bool] = []
+        for child in sup.children.values():
+            seat = self.seats.get(child.pid)
+            started_at = wall - (now - child.started)
+            if child.kind is Kind.WEBSOCKET and seat is not None:
+                state: status.WorkerState = (
+                    "retiring"
+                    if child.retiring_since is not None
+                    else "serving"
+                    if child.ready_at is not None
+                    else "starting"
+                )
+                if child.ready_at is not None:
+                    redis_up.append(self.scoreboard.redis_up(seat))
+                workers.append(
+                    status.Worker(
+                        slot=child.slot,
+                        pid=child.pid,
+                        generation=child.generation,
+                        started_at=started_at,
+                        state=state,
+                        connections=self.scoreboard.connections_of(seat),
+                        messages=self.scoreboard.messages(seat),
+                    )
+                )
+            elif child.kind is Kind.HOUSEKEEPER:
+                housekeeper_ = status.Housekeeper(pid=child.pid, started_at=started_at)
+            elif child.kind is Kind.TASKS and child.retiring_since is None:
+                task_pool_ = status.TaskPool(
+                    pid=child.pid, started_at=started_at, processes=self.task_processes
+                )
+        state_: status.State = (
+            "stopping"
+            if sup.stopping
+            else "reloading"
+            if sup.reloading is not None
+            else "running"
+            if self.serving
+            else "starting"
+        )
+        return status.Snapshot(
+            pid=os.getpid(),
+            node=self.node_id,
+            started_at=self.started_at,
+            updated_at=wall,
+            state=state_,
+            listen=None if self.tasks_only else f"ws://{server.host}:{server.port}{server.path}",
+            workers=tuple(sorted(workers, key=lambda w: (w.slot, w.generation))),
+            housekeeper=housekeeper_,
+            task_pool=task_pool_,
+            redis=status.Redis(
+                address="embedded" if self.embedded else str(RedisAddress.from_url(self.redis_url)),
+                embedded=self.embedded is not None,
+                up=all(redis_up) if redis_up else None,
+            ),
+            reloads=self.reloads,
+            last_reload=self.last_reload,
+        )
+
     def _stop(self, *, now: bool = False) -> None:
         if not self.supervisor.stopping:
             self.notifier.stopping()
@@ -319,6 +419,11 @@ class Master:
                 config = self.reread()
             except ShoalError as exc:
                 logger.error("reload: the configuration is invalid; nothing changed:\n%s", exc)
+                self.reloads += 1
+                self.last_reload = status.Reload(
+                    at=time.time(), ok=False, seconds=0.0, reason=f"invalid configuration: {exc}"
+                )
+                self.next_snapshot = 0.0
                 return
             self._apply(config)
         else:
@@ -329,7 +434,10 @@ class Master:
         self._execute(self.supervisor.reload(now, kinds))
 
     def _begin_reload(self) -> None:
-        if self.supervisor.reloading is None and self.serving:
+        if self.supervisor.reloading is not None:
+            return  # it will be done again when the one running ends
+        self.reload_at = time.time()
+        if self.serving:
             self.notifier.reloading()
             self.notifier.status("reloading")
 
@@ -437,6 +545,13 @@ class Master:
         if self.serving:
             self.notifier.ready()
             self.next_status = 0.0
+        self.reloads += 1
+        # A reload asked for while one ran starts as this one ends.
+        at, self.reload_at = self.reload_at, time.time()
+        self.last_reload = status.Reload(
+            at=at, ok=action.ok, seconds=action.seconds, reason=action.reason
+        )
+        self.next_snapshot = 0.0
         if action.ok:
             logger.info("reload done in %.1f s", action.seconds)
         else:

@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 MASTER_TITLE = b"shoal: master"
 
 
-def resolve(server: ServerConfig, environ: Mapping[str, str] | None = None) -> Path:
+def resolve(
+    server: ServerConfig, environ: Mapping[str, str] | None = None, *, name: str = "shoal"
+) -> Path:
     """Where the master of `server` writes its pid file, and where the CLI reads it.
 
     `server.pid_file` when set; otherwise `shoal-<port>.pid` in `$XDG_RUNTIME_DIR` when
@@ -38,12 +40,14 @@ def resolve(server: ServerConfig, environ: Mapping[str, str] | None = None) -> P
 
     Args:
         environ: where to read `XDG_RUNTIME_DIR` (default `os.environ`).
+        name: the default file's stem: `shoal-tasks` for a task pool alone (`shoal
+            tasks`), so that it does not take the pid file of a server on the same port.
     """
     if server.pid_file is not None:
         return Path(server.pid_file)
     runtime = (os.environ if environ is None else environ).get("XDG_RUNTIME_DIR", "")
     directory = runtime if runtime and os.path.isdir(runtime) else tempfile.gettempdir()
-    return Path(directory) / f"shoal-{server.port}.pid"
+    return Path(directory) / f"{name}-{server.port}.pid"
 
 
 def is_master(pid: int) -> bool:
