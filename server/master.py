@@ -40,7 +40,7 @@ from pathlib import Path
 
 import redis
 
-from shoal.config.model import Config
+from shoal.config.model import Config, RedisConfig
 from shoal.core import logs
 from shoal.core.errors import ConfigError, ShoalError
 from shoal.core.resp import RedisAddress
@@ -75,15 +75,12 @@ MIN_REDIS_VERSION = (6, 2)
 # scoreboard's shared memory is sized once, before the first fork.
 MAX_WORKERS_FACTOR = 4
 MIN_MAX_WORKERS = 64
-# Settings a reload cannot change in a running node: its listeners, and where its state is.
+# Settings a reload cannot change in a running node: its listeners, and its Redis (where
+# its state is, and the timings its housekeeper, which a reload keeps, shares with the
+# workers).
 FIXED_ON_RELOAD = (
-    ("server", "host"),
-    ("server", "port"),
-    ("server", "path"),
-    ("server", "node_id"),
-    ("server", "backlog"),
-    ("redis", "url"),
-    ("redis", "prefix"),
+    *(("server", key) for key in ("host", "port", "path", "node_id", "backlog")),
+    *(("redis", key) for key in RedisConfig.model_fields),
 )
 
 Reader = Callable[[], Config]
@@ -447,14 +444,14 @@ class Master:
             old = getattr(getattr(self.config, section), key)
             new = getattr(getattr(config, section), key)
             if new != old:
+                secret = key == "url"  # it may hold a password
                 logger.error(
-                    "reload: %s.%s cannot change while shoal runs (%r -> %r); keeping %r "
-                    "until a restart",
+                    "reload: %s.%s cannot change while shoal runs; keeping %s (the file "
+                    "says %s) until a restart",
                     section,
                     key,
-                    new if key != "url" else "...",
-                    old if key != "url" else "...",
-                    old if key != "url" else "the running value",
+                    "the running value" if secret else repr(old),
+                    "another" if secret else repr(new),
                 )
                 part = getattr(config, section).model_copy(update={key: old})
                 config = config.model_copy(update={section: part})

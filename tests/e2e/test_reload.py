@@ -140,13 +140,19 @@ async def test_broken_config_changes_nothing(node: Shoal) -> None:
 
 
 async def test_settings_that_cannot_change_keep_their_value(node: Shoal) -> None:
-    """A new port is refused with one line; the rest of the reload goes on."""
-    rewrite(node, {"server": {"port": node.port + 1}})
+    """A new port or Redis is refused with one line each (never the Redis password); the
+    rest of the reload goes on."""
+    rewrite(
+        node,
+        {"server": {"port": node.port + 1}, "redis": {"url": "redis://:sekret@127.0.0.1:1/0"}},
+    )
     old = set(node.worker_pids())
     node.signal(signal.SIGHUP)
     await asyncio.to_thread(wait_until, lambda: replaced(node, old), 30, "new workers")
     log = node.log()
-    assert log.count("server.port cannot change while shoal runs") == 1
+    assert log.count(f"server.port cannot change while shoal runs; keeping {node.port}") == 1
+    assert log.count("redis.url cannot change while shoal runs; keeping the running") == 1
+    assert "sekret" not in log
     async with client(node.url()):
         pass
 
