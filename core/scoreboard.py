@@ -15,6 +15,8 @@ import ctypes
 from multiprocessing.sharedctypes import RawArray
 from typing import Any
 
+from shoal.core.metrics import Metrics
+
 
 class Scoreboard:
     def __init__(self, seats: int) -> None:
@@ -25,6 +27,7 @@ class Scoreboard:
         self._beat: Any = RawArray(ctypes.c_double, seats)
         self._connections: Any = RawArray(ctypes.c_int64, seats)
         self._close_code: Any = RawArray(ctypes.c_int32, seats)
+        self.metrics = Metrics(seats)  # the children's counters (`shoal.core.metrics`)
 
     def claim(self, seat: int, pid: int, now: float, *, serving: bool) -> None:
         """Master: a new child process owns `seat`.
@@ -40,7 +43,8 @@ class Scoreboard:
         self._close_code[seat] = 0
 
     def release(self, seat: int) -> None:
-        """Master: the child in `seat` is gone."""
+        """Master: the child in `seat` is gone (its counters go to the retired row)."""
+        self.metrics.fold(seat)
         self._pid[seat] = 0
         self._ready[seat] = 0
         self._serving[seat] = 0
