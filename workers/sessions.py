@@ -27,6 +27,7 @@ from shoal.core import app as app_api
 from shoal.core import protocol
 from shoal.core.errors import ProtocolError, ServiceUnavailable
 from shoal.core.jobs import Outcome
+from shoal.core.metrics import BINARY, FRAME_ERRORS, OTHER, TEXT, counters
 from shoal.core.schema import CloseCode
 from shoal.workers import eager
 from shoal.workers.admission import Admission
@@ -100,9 +101,11 @@ class Sessions:
 
     def opened(self, ws: WebSocket, request: Request) -> None:
         self.open.add(ws)
+        counters.connections_opened += 1
         try:
             user = user_from(request.path) or f"u-{secrets.token_hex(6)}"
         except ProtocolError as exc:
+            counters.protocol_errors["message"] += 1
             ws.close(CloseCode.POLICY_VIOLATION, str(exc))
             return
         self.sequence += 1
@@ -141,7 +144,9 @@ class Sessions:
         if ws.admitted:
             ws.admitted = False
             self.admission.release()
-        self.open.discard(ws)
+        if ws in self.open:
+            self.open.discard(ws)
+            self._closed(ws)
         conn: Connection | None = ws.session
         if conn is None:
             return
@@ -150,6 +155,14 @@ class Sessions:
             conn.hold(_CLOSED)
         else:
             self._start(conn, self._forget(conn))
+
+    @staticmethod
+    def _closed(ws: WebSocket) -> None:
+        """Count an open connection that is gone."""
+        code, ours = ws.close_code()
+        counters.closed(code)
+        if ours and code in FRAME_ERRORS:
+            counters.protocol_errors["frame"] += 1
 
     def overflowed(self, ws: WebSocket) -> None:
         conn: Connection | None = ws.session
@@ -242,16 +255,28 @@ class Sessions:
 
     async def _dispatch(self, conn: Connection, data: str | bytes) -> None:
         app = self.app
+        received = counters.messages_in
         try:
             if app.frame_handler is not None:
+                received[TEXT if type(data) is str else BINARY] += 1
                 await app.frame_handler(conn, data)
             elif type(data) is bytes:
+                received[BINARY] += 1
                 if app.binary_handler is None:
                     raise ProtocolError("Binary frames are not supported")
                 await app.binary_handler(conn, data)
             else:
-                message = protocol.parse(data)
-                handler = app.handlers.get(message["type"], app.default_handler)
+                try:
+                    message = protocol.parse(data)
+                except ProtocolError:
+                    received[OTHER] += 1
+                    raise
+                kind = message["type"]
+                try:
+                    received[kind] += 1
+                except KeyError:  # a type the schema does not know
+                    received[OTHER] += 1
+                handler = app.handlers.get(kind, app.default_handler)
                 if handler is None:
                     raise ProtocolError("Unknown message type")
                 await handler(conn, message)
@@ -259,6 +284,7 @@ class Sessions:
             # Whatever Redis said stays in the log; the client learns it may retry.
             await conn.send({"type": "error", "message": ServiceUnavailable().args[0]})
         except ProtocolError as exc:
+            counters.protocol_errors["message"] += 1
             await conn.send({"type": "error", "message": str(exc)})
         except Exception:
             logger.exception("handler failed on connection %s", conn.id)
@@ -305,7 +331,9 @@ class Sessions:
             return  # gone since: the outcome stays readable with task_status
         handler = self.app.task_result_handler
         if handler is None:
-            payload = protocol.encode(outcome.client_message())
+            message = outcome.client_message()
+            counters.sent(message["type"])
+            payload = protocol.encode(message)
             conn.push(protocol.frame(payload), payload, True)
         else:
             what = f"on_task_result for task {outcome.task_id}"

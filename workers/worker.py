@@ -32,7 +32,7 @@ import uvloop
 
 from shoal.config.model import Config
 from shoal.core import app as app_api
-from shoal.core import loops, protocol
+from shoal.core import loops, metrics, protocol
 from shoal.core import task as task_api
 from shoal.core.backoff import full_jitter
 from shoal.core.bus import Bus
@@ -161,6 +161,8 @@ class Worker:
         beat.cancel()
         await bus.close()
         await client.close()
+        # What was counted since the last beat, the clients' closes included.
+        self.scoreboard.metrics.publish(self.seat, metrics.counters)
         return status
 
     def _tell(self, departed: list[tuple[str, list[str]]]) -> None:
