@@ -45,6 +45,7 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: Port = 9501
     path: str = "/ws"
+    metrics_path: str | None = "/metrics"
     worker_num: PositiveInt = Field(default_factory=_cpu_count)
     node_id: str | None = None
     backlog: PositiveInt = 2048
@@ -59,9 +60,11 @@ class ServerConfig(_Section):
     shutdown_timeout: PositiveFloat = 10.0
     worker_timeout: PositiveFloat = 30.0
 
-    @field_validator("path")
+    @field_validator("path", "metrics_path")
     @classmethod
-    def _path(cls, value: str) -> str:
+    def _path(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if not value.startswith("/") or "?" in value or " " in value:
             raise ValueError("must start with '/' and hold no query or spaces")
         if value == "/healthz":
@@ -77,6 +80,11 @@ class ServerConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:
+        if self.metrics_path == self.path:
+            raise ValueError(
+                f"metrics_path ({self.metrics_path}) must differ from path: the metrics "
+                "page would hide the WebSocket endpoint"
+            )
         interval = self.heartbeat_check_interval
         if interval and self.heartbeat_idle_time <= interval:
             raise ValueError(

@@ -42,7 +42,7 @@ from shoal.core.registry import Registry, connect
 from shoal.core.resp import RedisAddress, Timeouts
 from shoal.core.schema import ADVICE, CloseCode
 from shoal.core.scoreboard import Scoreboard
-from shoal.workers import http, transport
+from shoal.workers import exposition, http, transport
 from shoal.workers.admission import Admission
 from shoal.workers.dispatcher import Tasks
 from shoal.workers.hub import Hub
@@ -128,7 +128,13 @@ class Worker:
             self.hub,
             self.keeper,
             self.admission,
-            http.router(config.server.path, self._health, self._admit),
+            http.router(
+                config.server.path,
+                self._health,
+                self._admit,
+                config.server.metrics_path,
+                exposition.page(self.scoreboard, self.seat),
+            ),
         )
         self.hub.on_departed = self.sessions.departed
         self.tasks.on_outcome = self.sessions.task_outcome

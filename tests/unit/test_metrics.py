@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,9 @@ def test_every_family_has_a_row_column_and_help() -> None:
     assert len(set(names)) == len(names)
     assert all(family.help.endswith(".") for family in metrics.FAMILIES)
 
+
+def test_docs_operations_lists_every_metric() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    for family in metrics.FAMILIES:
+        suffix = "_total" if family.kind == "counter" else ""
+        assert f"| `shoal_{family.name}{suffix}` |" in text, family.name
