@@ -161,6 +161,7 @@ class RedisConfig(_Section):
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     format: Literal["text", "json"] = "text"
+    connections: bool = True
 
     @field_validator("level", mode="before")
     @classmethod

@@ -69,6 +69,8 @@ class Sessions:
         keeper: its state-keeping, for removals that failed.
         admission: its connection count.
         router: answers plain HTTP and refuses handshakes (`shoal.workers.http`).
+        log_connections: log a line when each connection opens and closes
+            (`log.connections`).
     """
 
     def __init__(  # noqa: PLR0917 - the parts a worker composes, named where it builds them
@@ -79,6 +81,8 @@ class Sessions:
         keeper: Keeper,
         admission: Admission,
         router: Route,
+        *,
+        log_connections: bool = True,
     ) -> None:
         self.worker_id = worker_id
         self.app = app
@@ -86,8 +90,11 @@ class Sessions:
         self.keeper = keeper
         self.admission = admission
         self.router = router
+        self.log_connections = log_connections
         self.loop = asyncio.get_running_loop()
-        self.open: set[WebSocket] = set()
+        # Connections whose opening handshake completed, with their Connection (None
+        # for one being refused): what lost() counts and logs, whatever became of it.
+        self.open: dict[WebSocket, Connection | None] = {}
         # Handlers that had to wait: asyncio keeps only weak references to tasks.
         self.running: set[asyncio.Task[None]] = set()
         # Registrations on their way to Redis (`opened()`).
@@ -100,7 +107,7 @@ class Sessions:
         return self.router(ws, request)
 
     def opened(self, ws: WebSocket, request: Request) -> None:
-        self.open.add(ws)
+        self.open[ws] = None
         counters.connections_opened += 1
         try:
             user = user_from(request.path) or f"u-{secrets.token_hex(6)}"
@@ -117,7 +124,10 @@ class Sessions:
             connected_at=int(time.time() * 1000),
             request_path=request.path,
         )
-        ws.session = conn
+        ws.session = self.open[ws] = conn
+        if self.log_connections:
+            # Never the request's path: its query string may carry a token.
+            logger.info("connection opened: id=%s user=%s address=%s", conn.id, user, conn.address)
         # The 101 leaves once the connection's state is in Redis, in one send() with
         # whatever `on_open` sends before it first waits (the welcome).
         ws.cork()
@@ -145,8 +155,7 @@ class Sessions:
             ws.admitted = False
             self.admission.release()
         if ws in self.open:
-            self.open.discard(ws)
-            self._closed(ws)
+            self._closed(ws, self.open.pop(ws))
         conn: Connection | None = ws.session
         if conn is None:
             return
@@ -156,13 +165,21 @@ class Sessions:
         else:
             self._start(conn, self._forget(conn))
 
-    @staticmethod
-    def _closed(ws: WebSocket) -> None:
-        """Count an open connection that is gone."""
+    def _closed(self, ws: WebSocket, conn: Connection | None) -> None:
+        """Count an open connection that is gone, and log it."""
         code, ours = ws.close_code()
         counters.closed(code)
         if ours and code in FRAME_ERRORS:
             counters.protocol_errors["frame"] += 1
+        if conn is not None and self.log_connections:
+            logger.info(
+                "connection closed: id=%s user=%s address=%s duration=%.3fs code=%d",
+                conn.id,
+                conn.user_id,
+                conn.address,
+                time.time() - conn.connected_at / 1000,
+                code,
+            )
 
     def overflowed(self, ws: WebSocket) -> None:
         conn: Connection | None = ws.session

@@ -135,6 +135,7 @@ class Worker:
                 config.server.metrics_path,
                 exposition.page(self.scoreboard, self.seat),
             ),
+            log_connections=config.log.connections,
         )
         self.hub.on_departed = self.sessions.departed
         self.tasks.on_outcome = self.sessions.task_outcome

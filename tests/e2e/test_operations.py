@@ -1,10 +1,11 @@
-"""/metrics end to end: a real node of two workers, plain `websockets` clients, and the
-page read back with prometheus-client's own parser."""
+"""/metrics and the connection log, end to end: a real node of two workers, plain
+`websockets` clients, and the page read back with prometheus-client's own parser."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import urllib.error
 import urllib.request
@@ -160,6 +161,44 @@ def test_the_page_moves_with_metrics_path_and_null_turns_it_off(
     finally:
         moved.stop()
         off.stop()
+
+
+async def test_connections_are_logged_with_their_close_and_never_a_token(shoal: Shoal) -> None:
+    async with client(shoal.url("ann") + "&token=s3cr3t-t0ken") as ann:
+        cid = ann.connection_id
+        host, port = ann.ws.local_address[:2]
+        await ann.ws.close(4100)
+
+    log = wait_until(
+        lambda: f"connection closed: id={cid} " in shoal.log() and shoal.log(), 10, "the close"
+    )
+    assert re.search(
+        rf"INFO .* connection opened: id={re.escape(cid)} user=ann address={host}:{port}\n", log
+    )
+    assert re.search(
+        rf"INFO .* connection closed: id={re.escape(cid)} user=ann address={host}:{port} "
+        r"duration=\d+\.\d{3}s code=4100\n",
+        log,
+    )
+    assert "s3cr3t" not in log
+    assert "token" not in log
+
+
+async def test_log_connections_false_turns_the_lines_off(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    node = Shoal(tmp_path, {**settings, "log": {"level": "info", "connections": False}}).start()
+    try:
+        async with client(node.url("ann")):
+            pass
+        # The page counts the close once it was handled, logged or not.
+        wait_until(
+            lambda: scrape(node)["shoal_connections_closed_total", "1000"] == 1, 10, "the close"
+        )
+        assert "connection opened" not in node.log()
+        assert "connection closed" not in node.log()
+    finally:
+        node.stop()
 
 
 async def test_tasks_are_counted_by_outcome_with_their_run_time_and_the_queue_depth(
