@@ -45,6 +45,7 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: Port = 9501
     path: str = "/ws"
+    metrics_path: str | None = "/metrics"
     worker_num: PositiveInt = Field(default_factory=_cpu_count)
     node_id: str | None = None
     backlog: PositiveInt = 2048
@@ -63,9 +64,11 @@ class ServerConfig(_Section):
     max_request_jitter: NonNegativeInt = 0
     pid_file: str | None = None
 
-    @field_validator("path")
+    @field_validator("path", "metrics_path")
     @classmethod
-    def _path(cls, value: str) -> str:
+    def _path(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if not value.startswith("/") or "?" in value or " " in value:
             raise ValueError("must start with '/' and hold no query or spaces")
         if value == "/healthz":
@@ -89,6 +92,11 @@ class ServerConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:
+        if self.metrics_path == self.path:
+            raise ValueError(
+                f"metrics_path ({self.metrics_path}) must differ from path: the metrics "
+                "page would hide the WebSocket endpoint"
+            )
         interval = self.heartbeat_check_interval
         if interval and self.heartbeat_idle_time <= interval:
             raise ValueError(
@@ -165,6 +173,7 @@ class RedisConfig(_Section):
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     format: Literal["text", "json"] = "text"
+    connections: bool = True
 
     @field_validator("level", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.core.errors import RedisReplyError, RedisUnavailable, ServiceUnavailable
+from shoal.core.metrics import counters
 from shoal.core.resp import Link, RedisAddress, Timeouts, open_link, tick
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class Bus:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._reconnecting = False  # a link was lost: getting both back is a reconnect
 
     async def start(self) -> None:
         """Connect both links once, then keep them connected in the background.
@@ -273,6 +275,7 @@ class Bus:
             return  # a link that failed while opening: _connect_missing() reports it
         if not self._closing:
             logger.warning("redis bus connection to %s lost; reconnecting", self.address)
+            self._reconnecting = True
         self._set_state()
         self._wake.set()
 
@@ -302,6 +305,9 @@ class Bus:
                 await asyncio.sleep(self.timeouts.backoff(attempt))
                 if await self._connect_missing():
                     logger.info("redis bus reconnected to %s", self.address)
+                    if self._reconnecting:
+                        counters.redis_reconnects += 1
+                        self._reconnecting = False
                     attempt = 0
                 else:
                     attempt += 1

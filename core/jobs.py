@@ -185,6 +185,11 @@ def parse_reclaim(reply: Any) -> list[Job]:
     return _jobs(reply[1])
 
 
+def depth(keys: Keys) -> Command:
+    """The number of jobs queued or running (finished ones leave the stream)."""
+    return ("XLEN", keys.tasks)
+
+
 def renew(keys: Keys, consumer: str, task_ids: list[str]) -> Command:
     """Reset the idle time of running jobs, so that no one claims them meanwhile.
     (JUSTID: the delivery count is not raised.)"""

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 
+from shoal.core import metrics
 from shoal.core.scoreboard import Scoreboard
 
 logger = logging.getLogger(__name__)
@@ -21,10 +22,12 @@ BEAT_PERIOD = 1.0
 
 
 async def beat(scoreboard: Scoreboard, seat: int, master_pid: int, stopping: asyncio.Event) -> None:
-    """Tell the master, through the scoreboard, that this event loop runs; stop if the
-    master is gone (this process was re-parented)."""
+    """Tell the master, through the scoreboard, that this event loop runs; publish this
+    process's counters (`shoal.core.metrics`); stop if the master is gone (this process
+    was re-parented)."""
     while True:
         scoreboard.beat(seat, time.monotonic())
+        scoreboard.metrics.publish(seat, metrics.counters)
         if os.getppid() != master_pid:
             logger.error("master process is gone; stopping")
             stopping.set()

@@ -49,6 +49,7 @@ from shoal.core.errors import (
     RedisUnavailable,
     reply_error,
 )
+from shoal.core.metrics import counters
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,8 @@ class Link(asyncio.Protocol):
         # replies to commands in order, so it must send the PING itself.
         self.on_ping: Callable[[], None] | None = None
         self._logged: dict[str, float] = {}
+        # From its set-up to its owner's close(): a loss meanwhile is a failure.
+        self.up = False
 
     # asyncio.Protocol
 
@@ -272,6 +275,7 @@ class Link(asyncio.Protocol):
         """
         if type(error) in _SERVER_WIDE:
             if self.refusing is None:
+                counters.redis_errors["busy"] += 1
                 self._warn("busy", "%s; refusing commands until it answers again", error)
             self.refusing = error
         else:
@@ -296,6 +300,9 @@ class Link(asyncio.Protocol):
             logger.exception("redis push handler failed")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.up:
+            counters.redis_errors["lost"] += 1
+            self.up = False
         self.transport = None
         self.blocked = True
         error = RedisUnavailable()
@@ -420,6 +427,7 @@ class Link(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after writing what is queued (asyncio flushes its buffer before closing)."""
+        self.up = False
         if self.transport is not None:
             self._flush()
             self.transport.close()
@@ -500,13 +508,17 @@ async def open_link(
             if select_db and address.db:
                 await link.send("SELECT", address.db)
     except (OSError, TimeoutError) as exc:
+        counters.redis_errors["connect"] += 1
         if link is not None:
             link.abort("redis did not complete the connection set-up")
         raise RedisUnavailable() from exc
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, RedisReplyError):  # AUTH or SELECT refused
+            counters.redis_errors["connect"] += 1
         if link is not None:
             link.close()
         raise
+    link.up = True
     return link
 
 
@@ -534,6 +546,7 @@ class Client:
         self._monitor: asyncio.Task[None] | None = None
         self._failures = 0
         self._retry_at = 0.0
+        self._reconnecting = False  # its link was lost: the next one is a reconnect
 
     async def execute(self, *args: Any) -> Any:
         """Run one command and return its reply.
@@ -611,6 +624,9 @@ class Client:
                     self._failures += 1
                     raise
                 self._failures = 0
+                if self._reconnecting:
+                    counters.redis_reconnects += 1
+                    self._reconnecting = False
                 if self._monitor is None:
                     self._monitor = asyncio.create_task(self._watch(), name="redis-monitor")
             return self._link
@@ -626,6 +642,7 @@ class Client:
     def _lost(self, link: Link) -> None:
         if link is self._link:
             self._link = None
+            self._reconnecting = True
 
     async def close(self) -> None:
         if self._monitor is not None:

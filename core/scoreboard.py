@@ -16,6 +16,8 @@ import ctypes
 from multiprocessing.sharedctypes import RawArray
 from typing import Any
 
+from shoal.core.metrics import Metrics
+
 
 class Scoreboard:
     def __init__(self, seats: int) -> None:
@@ -30,6 +32,7 @@ class Scoreboard:
         self._messages: Any = RawArray(ctypes.c_int64, seats)
         self._recycle: Any = RawArray(ctypes.c_int8, seats)
         self._redis_up: Any = RawArray(ctypes.c_int8, seats)
+        self.metrics = Metrics(seats)  # the children's counters (`shoal.core.metrics`)
 
     def claim(self, seat: int, pid: int, now: float, *, serving: bool) -> None:
         """Master: a new child process owns `seat`.
@@ -49,7 +52,8 @@ class Scoreboard:
         self._redis_up[seat] = 0
 
     def release(self, seat: int) -> None:
-        """Master: the child in `seat` is gone."""
+        """Master: the child in `seat` is gone (its counters go to the retired row)."""
+        self.metrics.fold(seat)
         self._pid[seat] = 0
         self._ready[seat] = 0
         self._serving[seat] = 0

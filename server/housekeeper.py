@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import redis
 import uvloop
 
-from shoal.core import loops
+from shoal.core import loops, metrics
 from shoal.core.backoff import full_jitter
 from shoal.core.emitter import AsyncEmitter
 from shoal.core.errors import ServiceUnavailable
@@ -88,6 +88,7 @@ class Housekeeper:
             task.cancel()
         await self.registry.redis.close()
         await self.emitter.close()
+        placement.scoreboard.metrics.publish(placement.seat, metrics.counters)
         return status
 
     def _read(self) -> None:

@@ -417,6 +417,7 @@ class Master:
             except ShoalError as exc:
                 logger.error("reload: the configuration is invalid; nothing changed:\n%s", exc)
                 self.reloads += 1
+                self.scoreboard.metrics.count_reload(0.0, ok=False)
                 self.last_reload = status.Reload(
                     at=time.time(), ok=False, seconds=0.0, reason=f"invalid configuration: {exc}"
                 )
@@ -529,6 +530,7 @@ class Master:
             os.kill(action.pid, action.signum)
 
     def _retire(self, action: Retire) -> None:
+        self.scoreboard.metrics.count_restart(action.reason)
         child = self.supervisor.children.get(action.pid)
         seat = self.seats.get(action.pid)
         if seat is not None:
@@ -543,6 +545,7 @@ class Master:
             self.notifier.ready()
             self.next_status = 0.0
         self.reloads += 1
+        self.scoreboard.metrics.count_reload(action.seconds, action.ok)
         # A reload asked for while one ran starts as this one ends.
         at, self.reload_at = self.reload_at, time.time()
         self.last_reload = status.Reload(
@@ -711,6 +714,10 @@ class Master:
         if exit_info.expected:
             logger.info("%s stopped: %s", child.name, how)
         elif self.supervisor.failure is None:
+            if exit_info.respawn:
+                self.scoreboard.metrics.count_restart(
+                    "stuck" if child.aborted_at is not None else "crashed"
+                )
             when = "while starting" if child.ready_at is None else ""
             if not exit_info.respawn:
                 then = (

@@ -79,6 +79,8 @@ class Retire:
 
     pid: int
     why: str
+    reason: str = "reload"
+    """What asked for it: `reload`, `max_request` or `scale`."""
     drain: bool = False
 
 
@@ -195,6 +197,7 @@ class Supervisor:
     queue: collections.deque[tuple[Kind, int]] = field(default_factory=collections.deque)
     current: Child | None = None
     reloading: _Reload | None = None
+    recycled: set[tuple[Kind, int]] = field(default_factory=set)
 
     def start(self, now: float) -> list[Action]:
         """The first children to start; Redis first, so the others find it."""
@@ -380,6 +383,7 @@ class Supervisor:
         ):
             return []
         self.queue.append((child.kind, child.slot))
+        self.recycled.add((child.kind, child.slot))
         return self._advance(now)
 
     def _enqueue(self, kinds: tuple[Kind, ...]) -> None:
@@ -396,8 +400,11 @@ class Supervisor:
             if new.ready_at is not None:
                 self.current = None
                 old = self.children.get(new.replaces) if new.replaces is not None else None
+                key = (new.kind, new.slot)
+                reason = "max_request" if key in self.recycled else "reload"
+                self.recycled.discard(key)
                 if old is not None:
-                    actions.append(self._retire(old, now, f"replaced by {new.name}"))
+                    actions.append(self._retire(old, now, f"replaced by {new.name}", reason))
             elif now - new.started > self.policy.ready_timeout:
                 self.current = None
                 new.abandoned = new.killed = True
@@ -424,6 +431,7 @@ class Supervisor:
     def _abort(self, now: float, reason: str) -> list[Action]:
         """A replacement failed: leave the rest as it is."""
         self.queue.clear()
+        self.recycled.clear()
         for child in self.children.values():
             if child.retiring_since is None:
                 child.recycle_after = now + self.policy.backoff_cap
@@ -444,10 +452,12 @@ class Supervisor:
                 return child
         return None
 
-    def _retire(self, child: Child, now: float, why: str, *, drain: bool = False) -> Retire:
+    def _retire(
+        self, child: Child, now: float, why: str, reason: str, *, drain: bool = False
+    ) -> Retire:
         child.retiring_since = now
         child.told_to_stop = True
-        return Retire(child.pid, why, drain)
+        return Retire(child.pid, why, reason, drain)
 
     # Scaling
 
@@ -474,7 +484,9 @@ class Supervisor:
                 if child is self.current:
                     self.current = None
                 if child.retiring_since is None:
-                    actions.append(self._retire(child, now, "its slot was removed", drain=True))
+                    actions.append(
+                        self._retire(child, now, "its slot was removed", "scale", drain=True)
+                    )
         self.plan[Kind.WEBSOCKET] = workers
         return actions + self._advance(now)
 

@@ -6,7 +6,8 @@ of pools that died): `take` reads new jobs (a blocking
 XREADGROUP on a connection of its own, as arq does) while the pool has room; `reclaim`
 takes over jobs whose consumer stopped renewing them for `tasks.visibility_timeout` (a
 pool process that died); `renew` renews the jobs running here, so that no other pool
-takes over a long job that is alive.
+takes over a long job that is alive. A fifth, `measure`, reads the queue's depth for
+the node's metrics (`shoal.core.metrics`), which count each job's outcome and runs too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from typing import Any
 
 from shoal.config.model import Config
@@ -23,6 +25,7 @@ from shoal.core import task as task_api
 from shoal.core.backoff import full_jitter
 from shoal.core.errors import RedisReplyError, ServiceUnavailable
 from shoal.core.keys import Keys
+from shoal.core.metrics import counters
 from shoal.core.resp import Client, RedisAddress, Timeouts
 from shoal.tasks.pool import ChildDied, Pool, TaskTimeout
 
@@ -30,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 _BLOCK_MS = 1000
 _AFTER_DEATH = 0.2
+_MEASURE_EVERY = 2.0
 
 
 class Consumer:
@@ -153,6 +157,15 @@ class Consumer:
                 with contextlib.suppress(ServiceUnavailable):
                     await self.redis.execute(*jobs.renew(self.keys, self.name, list(self.running)))
 
+    async def measure(self) -> None:
+        """Keep the queue's depth in the metrics: jobs queued or running, deployment-wide."""
+        while True:
+            try:
+                counters.task_queue_depth = await self.redis.execute(*jobs.depth(self.keys))
+            except ServiceUnavailable as exc:  # the last depth read stays
+                logger.debug("reading the task queue's depth failed: %s", exc)
+            await asyncio.sleep(_MEASURE_EVERY)
+
     # Stopping
 
     def stop_taking(self) -> None:
@@ -219,12 +232,16 @@ class Consumer:
                 await self._retrying(jobs.forget(self.keys, [job.id]))
                 return None
             if attempt > config.max_retries + 1:
+                counters.tasks["abandoned"] += 1
                 return self._failed(
                     job, "TaskAbandoned", f"its task process died {attempt - 1} times running it"
                 )
+            started = time.monotonic()
             try:
                 ran = await self.pool.run(job, attempt, timeout)
             except TaskTimeout as exc:
+                counters.ran(time.monotonic() - started)
+                counters.tasks["timeout"] += 1
                 return self._failed(job, "TaskTimeout", str(exc))
             except ChildDied as exc:
                 logger.error("%s (attempt %d)", exc, attempt)
@@ -233,7 +250,9 @@ class Consumer:
                 # picks one for this job.
                 await asyncio.sleep(random.uniform(_AFTER_DEATH / 2, _AFTER_DEATH))
                 continue
+            counters.ran(time.monotonic() - started)
             if ran.ok or not ran.retryable or attempt > config.max_retries:
+                counters.tasks["ok" if ran.ok else "failed"] += 1
                 return jobs.Outcome(job.id, job.name, ran.ok, jobs.unpack(ran.body))
             delay = config.retry_backoff * 2 ** (attempt - 1)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))

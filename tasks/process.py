@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import uvloop
 
-from shoal.core import loops
+from shoal.core import loops, metrics
 from shoal.core import task as task_api
 from shoal.core.errors import BootError
 from shoal.core.placement import Placement as ChildPlacement
@@ -68,6 +68,7 @@ async def serve(placement: Placement) -> int:
         loop.create_task(consumer.reclaim(), name="reclaim"),
         loop.create_task(consumer.renew(), name="renew"),
         loop.create_task(consumer.tidy(), name="tidy"),
+        loop.create_task(consumer.measure(), name="measure"),
     ]
     status = 0 if await loops.until_stopped(stopping, background, "task pool") else 1
     consumer.stop_taking()
@@ -76,6 +77,8 @@ async def serve(placement: Placement) -> int:
     for task in background:
         task.cancel()
     await pool.close()
+    # What was counted since the last beat: the jobs that finished while draining.
+    placement.scoreboard.metrics.publish(placement.seat, metrics.counters)
     return status
 
 

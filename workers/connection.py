@@ -11,6 +11,7 @@ from websockets.protocol import OPEN
 
 from shoal.core import protocol
 from shoal.core.keys import TopicKind
+from shoal.core.metrics import BINARY, OTHER, TEXT, counters
 from shoal.core.registry import Members, Snapshot
 from shoal.core.schema import CloseCode
 
@@ -103,13 +104,19 @@ class Connection:
     async def send(self, message: Mapping[str, Any]) -> None:
         """Send one JSON message to this client."""
         payload = protocol.encode(message)
+        try:
+            counters.messages_out[message["type"]] += 1
+        except (KeyError, TypeError):  # no type, one not in the schema, or unhashable
+            counters.messages_out[OTHER] += 1
         self.push(protocol.frame(payload), payload, True)
 
     async def send_text(self, text: str) -> None:
+        counters.messages_out[TEXT] += 1
         payload = text.encode()
         self.push(protocol.frame(payload), payload, True)
 
     async def send_bytes(self, data: bytes) -> None:
+        counters.messages_out[BINARY] += 1
         self.push(protocol.frame(data, text=False), data, False)
 
     def push(self, wire: bytes, payload: bytes, text: bool) -> None:
@@ -120,6 +127,7 @@ class Connection:
         data exceeds `server.buffer_output_size` is closed as a slow consumer instead.
         """
         if not self.deflate:
+            counters.bytes_out += len(wire)  # the transport counts what it compresses
             self.write(wire)
             return
         if self.protocol.state is not OPEN:
@@ -149,6 +157,7 @@ class Connection:
 
     def cut_off(self) -> None:
         if not self.closing:
+            counters.slow_consumers += 1
             logger.warning(
                 "closing %s as a slow consumer: %d bytes unsent", self.id, self.ws.buffered()
             )

@@ -18,6 +18,7 @@ from shoal.core import app, envelope, protocol
 from shoal.core.bus import Bus
 from shoal.core.errors import EnvelopeError, ProtocolError
 from shoal.core.keys import Keys, TopicKind
+from shoal.core.metrics import counters
 from shoal.core.registry import Members, Registry
 from shoal.core.schema import PresenceEntry
 from shoal.workers.connection import Connection
@@ -225,6 +226,7 @@ class Hub:
                 conn = self.local.get(cid)
                 if conn is not None:
                     conn.push(wire, payload, True)
+                    counters.deliveries += 1
         for wid, cids in by_worker.items():
             self.bus.post(self.keys.bus_worker(wid), envelope.message(payload, cids))
         return len(connections)
@@ -242,6 +244,9 @@ class Hub:
         client into one per batch and client, which is what bounds fan-out.
         """
         routed = route(messages, self.local, self.topics, self.worker_channel, self.keys.bus_all)
+        # Counted per batch: the recipients' frames are written below.
+        counters.deliveries += routed.deliveries
+        counters.bytes_out += routed.written
         for conn, wire, payload, text in routed.deflated:
             conn.push(wire, payload, text)
         for conn, frames in routed.outbox.items():
@@ -295,6 +300,10 @@ class Routed:
     """Outcomes of tasks, on this worker's channel."""
     rejected: int = 0
     rejected_example: str = ""
+    deliveries: int = 0
+    """Copies of messages routed to recipients, compressed or not."""
+    written: int = 0
+    """Bytes of the frames in `outbox` (those in `deflated` are counted as compressed)."""
 
 
 def route(
@@ -337,13 +346,19 @@ def route(
             recipients = found
             if target is not None:
                 excluded = local.get(target)  # type: ignore[arg-type]
+        plain = 0  # recipients of this frame without compression
         for conn in recipients:
             if conn is excluded:
                 continue
             if conn.deflate:
                 routed.deflated.append((conn, wire, payload, text))
-            elif (frames := outbox.get(conn)) is None:
+                continue
+            plain += 1
+            if (frames := outbox.get(conn)) is None:
                 outbox[conn] = [wire]
             else:
                 frames.append(wire)
+        routed.deliveries += plain
+        routed.written += plain * len(wire)
+    routed.deliveries += len(routed.deflated)
     return routed

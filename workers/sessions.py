@@ -27,6 +27,7 @@ from shoal.core import app as app_api
 from shoal.core import protocol
 from shoal.core.errors import ProtocolError, ServiceUnavailable
 from shoal.core.jobs import Outcome
+from shoal.core.metrics import BINARY, FRAME_ERRORS, OTHER, TEXT, counters
 from shoal.core.schema import ADVICE, CloseCode
 from shoal.workers import eager
 from shoal.workers.admission import Admission
@@ -68,6 +69,8 @@ class Sessions:
         keeper: its state-keeping, for removals that failed.
         admission: its connection count.
         router: answers plain HTTP and refuses handshakes (`shoal.workers.http`).
+        log_connections: log a line when each connection opens and closes
+            (`log.connections`).
     """
 
     def __init__(  # noqa: PLR0917 - the parts a worker composes, named where it builds them
@@ -78,6 +81,8 @@ class Sessions:
         keeper: Keeper,
         admission: Admission,
         router: Route,
+        *,
+        log_connections: bool = True,
     ) -> None:
         self.worker_id = worker_id
         self.app = app
@@ -89,8 +94,11 @@ class Sessions:
         self.keeper = keeper
         self.admission = admission
         self.router = router
+        self.log_connections = log_connections
         self.loop = asyncio.get_running_loop()
-        self.open: set[WebSocket] = set()
+        # Connections whose opening handshake completed, with their Connection (None
+        # for one being refused): what lost() counts and logs, whatever became of it.
+        self.open: dict[WebSocket, Connection | None] = {}
         self.handshaking: set[WebSocket] = set()
         # Handlers that had to wait: asyncio keeps only weak references to tasks.
         self.running: set[asyncio.Task[None]] = set()
@@ -108,10 +116,12 @@ class Sessions:
 
     def opened(self, ws: WebSocket, request: Request) -> None:
         self.handshaking.discard(ws)
-        self.open.add(ws)
+        self.open[ws] = None
+        counters.connections_opened += 1
         try:
             user = user_from(request.path) or f"u-{secrets.token_hex(6)}"
         except ProtocolError as exc:
+            counters.protocol_errors["message"] += 1
             ws.close(CloseCode.POLICY_VIOLATION, str(exc))
             return
         self.sequence += 1
@@ -123,7 +133,10 @@ class Sessions:
             connected_at=int(time.time() * 1000),
             request_path=request.path,
         )
-        ws.session = conn
+        ws.session = self.open[ws] = conn
+        if self.log_connections:
+            # Never the request's path: its query string may carry a token.
+            logger.info("connection opened: id=%s user=%s address=%s", conn.id, user, conn.address)
         # The 101 leaves once the connection's state is in Redis, in one send() with
         # whatever `on_open` sends before it first waits (the welcome).
         ws.cork()
@@ -151,8 +164,9 @@ class Sessions:
         if ws.admitted:
             ws.admitted = False
             self.admission.release()
-        self.open.discard(ws)
         self.handshaking.discard(ws)
+        if ws in self.open:
+            self._closed(ws, self.open.pop(ws))
         conn: Connection | None = ws.session
         if conn is None:
             return
@@ -161,6 +175,22 @@ class Sessions:
             conn.hold(_CLOSED)
         else:
             self._start(conn, self._forget(conn))
+
+    def _closed(self, ws: WebSocket, conn: Connection | None) -> None:
+        """Count an open connection that is gone, and log it."""
+        code, ours = ws.close_code()
+        counters.closed(code)
+        if ours and code in FRAME_ERRORS:
+            counters.protocol_errors["frame"] += 1
+        if conn is not None and self.log_connections:
+            logger.info(
+                "connection closed: id=%s user=%s address=%s duration=%.3fs code=%d",
+                conn.id,
+                conn.user_id,
+                conn.address,
+                time.time() - conn.connected_at / 1000,
+                code,
+            )
 
     def overflowed(self, ws: WebSocket) -> None:
         conn: Connection | None = ws.session
@@ -255,16 +285,28 @@ class Sessions:
 
     async def _dispatch(self, conn: Connection, data: str | bytes) -> None:
         app = self.app
+        received = counters.messages_in
         try:
             if app.frame_handler is not None:
+                received[TEXT if type(data) is str else BINARY] += 1
                 await app.frame_handler(conn, data)
             elif type(data) is bytes:
+                received[BINARY] += 1
                 if app.binary_handler is None:
                     raise ProtocolError("Binary frames are not supported")
                 await app.binary_handler(conn, data)
             else:
-                message = protocol.parse(data)
-                handler = app.handlers.get(message["type"], app.default_handler)
+                try:
+                    message = protocol.parse(data)
+                except ProtocolError:
+                    received[OTHER] += 1
+                    raise
+                kind = message["type"]
+                try:
+                    received[kind] += 1
+                except KeyError:  # a type the schema does not know
+                    received[OTHER] += 1
+                handler = app.handlers.get(kind, app.default_handler)
                 if handler is None:
                     raise ProtocolError("Unknown message type")
                 await handler(conn, message)
@@ -272,6 +314,7 @@ class Sessions:
             # Whatever Redis said stays in the log; the client learns it may retry.
             await conn.send({"type": "error", "message": ServiceUnavailable().args[0]})
         except ProtocolError as exc:
+            counters.protocol_errors["message"] += 1
             await conn.send({"type": "error", "message": str(exc)})
         except Exception:
             logger.exception("handler failed on connection %s", conn.id)
@@ -318,7 +361,9 @@ class Sessions:
             return  # gone since: the outcome stays readable with task_status
         handler = self.app.task_result_handler
         if handler is None:
-            payload = protocol.encode(outcome.client_message())
+            message = outcome.client_message()
+            counters.sent(message["type"])
+            payload = protocol.encode(message)
             conn.push(protocol.frame(payload), payload, True)
         else:
             what = f"on_task_result for task {outcome.task_id}"

@@ -29,6 +29,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import CLOSED, CONNECTING, OPEN, State
 from websockets.server import ServerProtocol
 
+from shoal.core.metrics import counters
 from shoal.core.protocol import frames_end, whole_messages
 
 logger = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ class WebSocket(asyncio.Protocol):
             self.handlers.overflowed(self)
 
     def _received(self, data: bytes) -> None:
+        counters.bytes_in += len(data)
         self.last_seen = self.loop.time()
         protocol = self.protocol
         if self._fast:
@@ -310,8 +312,20 @@ class WebSocket(asyncio.Protocol):
         peer = self.transport.get_extra_info("peername") if self.transport else None
         return f"{peer[0]}:{peer[1]}" if peer else ""
 
+    def close_code(self) -> tuple[int, bool]:
+        """How the connection closed: the code of the close frame that began the closing
+        handshake (1006 when none was exchanged), and whether this server sent it."""
+        protocol = self.protocol
+        if protocol.close_rcvd_then_sent:  # the client's, echoed
+            assert protocol.close_rcvd is not None
+            return protocol.close_rcvd.code, False
+        if protocol.close_sent is not None:
+            return protocol.close_sent.code, True
+        return WsCloseCode.ABNORMAL_CLOSURE, False
+
     def write(self, frames: bytes) -> None:
         """Write whole pre-built (unmasked, uncompressed) frames, unconditionally."""
+        counters.bytes_out += len(frames)
         if self.pending is not None:
             self.pending.append(frames)
         elif self.transport is not None:
@@ -377,6 +391,7 @@ class WebSocket(asyncio.Protocol):
         pending = self.pending
         for data in self.protocol.data_to_send():
             if data:
+                counters.bytes_out += len(data)
                 if pending is not None:  # in order after what is held, and with it
                     pending.append(data)
                 else:

@@ -40,7 +40,7 @@ from typing import Any
 import uvloop
 
 from shoal.core import app as app_api
-from shoal.core import loops, protocol
+from shoal.core import loops, metrics, protocol
 from shoal.core import task as task_api
 from shoal.core.backoff import full_jitter
 from shoal.core.bus import Bus
@@ -50,7 +50,7 @@ from shoal.core.placement import Placement as ChildPlacement
 from shoal.core.registry import Registry, connect
 from shoal.core.resp import RedisAddress, Timeouts
 from shoal.core.schema import ADVICE, CloseCode
-from shoal.workers import http, transport
+from shoal.workers import exposition, http, transport
 from shoal.workers.admission import Admission
 from shoal.workers.dispatcher import Tasks
 from shoal.workers.hub import Hub
@@ -132,7 +132,14 @@ class Worker:
             self.hub,
             self.keeper,
             self.admission,
-            http.router(config.server.path, self._health, self._admit),
+            http.router(
+                config.server.path,
+                self._health,
+                self._admit,
+                config.server.metrics_path,
+                exposition.page(self.scoreboard, self.seat),
+            ),
+            log_connections=config.log.connections,
         )
         self.hub.on_departed = self.sessions.departed
         self.tasks.on_outcome = self.sessions.task_outcome
@@ -167,6 +174,8 @@ class Worker:
         beat.cancel()
         await bus.close()
         await client.close()
+        # What was counted since the last beat, the clients' closes included.
+        self.scoreboard.metrics.publish(self.seat, metrics.counters)
         return status
 
     def _tell(self, departed: list[tuple[str, list[str]]]) -> None:

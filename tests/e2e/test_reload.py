@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from test_operations import scrape
 from websockets.exceptions import ConnectionClosed
 
 from support import SCALE, Client, Shoal, client, clients_on_workers, eventually, join, wait_until
@@ -99,6 +100,11 @@ async def test_sighup_replaces_every_worker_under_traffic(node: Shoal) -> None:
         assert max(times) - min(times) > GRACE / 10
     assert max(at for _, at in results) - hup < 2 * (GRACE + 5) * SCALE
     assert not new & old
+    metrics = scrape(node)
+    assert metrics["shoal_worker_restarts_total", "reload"] == 2
+    assert metrics["shoal_worker_restarts_total", "crashed"] == 0
+    assert metrics["shoal_reloads_total", "ok"] == 1
+    assert metrics["shoal_reload_duration_seconds_count", ""] == 1
     # The new workers serve rooms across the node.
     async with clients_on_workers(node, ["a", "b"]) as (a, b):
         await join("after", a, b)
@@ -135,6 +141,7 @@ async def test_broken_config_changes_nothing(node: Shoal) -> None:
     )
     assert "server.worker_num" in node.log()
     assert set(node.worker_pids()) == old
+    assert scrape(node)["shoal_reloads_total", "failed"] == 1
     async with client(node.url()):
         pass
 
@@ -206,6 +213,7 @@ async def test_sigttin_and_sigttou_add_and_remove_a_worker(node: Shoal) -> None:
         await asyncio.to_thread(wait_until, lambda: len(node.worker_pids()) == 2, 15, "2 workers")
         assert {code for code, _ in await asyncio.gather(*closes)} == {1012}
     assert node.health(expect_ok=True) is not None
+    assert scrape(node)["shoal_worker_restarts_total", "scale"] == 1
 
 
 async def test_max_request_recycles_a_worker_replacement_first(
@@ -222,6 +230,7 @@ async def test_max_request_recycles_a_worker_replacement_first(
         assert code == 1012
         await asyncio.to_thread(wait_until, lambda: replaced(node, {old}), 15, "a new worker")
         assert "(server.max_request); asking to be replaced" in node.log()
+        assert scrape(node)["shoal_worker_restarts_total", "max_request"] == 1
         async with client(node.url("b")):
             pass
     finally:

@@ -499,7 +499,7 @@ def test_recycle_replaces_one_worker_once() -> None:
     assert node.sup.recycle(pid, 1.1) == []  # asked again every turn: once is enough
     node.ready(Kind.WEBSOCKET, 1, 1.5)
     assert node.sup.tick(2.0) == [
-        Retire(pid, f"replaced by worker 1 (pid {node.pid(Kind.WEBSOCKET, 1)})")
+        Retire(pid, f"replaced by worker 1 (pid {node.pid(Kind.WEBSOCKET, 1)})", "max_request")
     ]
 
 
@@ -537,7 +537,7 @@ def test_scale_adds_the_next_slot_and_removes_the_highest() -> None:
     node.spawn([Spawn(Kind.WEBSOCKET, 2, 1)], 1.0)
     highest = node.pid(Kind.WEBSOCKET, 2)
     actions = node.sup.scale(2.0, 2)
-    assert actions == [Drop(2), Retire(highest, "its slot was removed", drain=True)]
+    assert actions == [Drop(2), Retire(highest, "its slot was removed", "scale", drain=True)]
     assert node.sup.worker_slots() == [0, 1]
     exit_, after = node.sup.exited(highest, 0, 2.5)
     assert exit_ is not None and exit_.expected and after == []
