@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
 from shoal.core import schema
@@ -348,6 +349,24 @@ def _limit_open_files(soft: int) -> None:
     """Set this process's soft open-files limit, keeping its hard limit."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# (sample name, its label's value or ""): the value.
+Samples = dict[tuple[str, str], float]
+
+
+def scrape(node: Shoal, path: str = "/metrics") -> Samples:
+    """GET the metrics page of `node` (whichever worker answers) and parse it."""
+    url = f"http://127.0.0.1:{node.port}{path}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+        text = response.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            (label,) = sample.labels.values() or ("",)
+            samples[sample.name, label] = sample.value
+    return samples
 
 
 def _cmdline(pid: int) -> str:

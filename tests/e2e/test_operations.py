@@ -13,29 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from support import Shoal, client, clients_on_workers, join, wait_until
-
-# (sample name, its label's value or ""): the value.
-Samples = dict[tuple[str, str], float]
+from support import Samples, Shoal, client, clients_on_workers, join, scrape, wait_until
 
 OPENED = ("shoal_connections_opened_total", "")
 OPEN = ("shoal_connections", "")
-
-
-def scrape(node: Shoal, path: str = "/metrics") -> Samples:
-    """GET the metrics page of `node` (whichever worker answers) and parse it."""
-    url = f"http://127.0.0.1:{node.port}{path}"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        assert response.headers["Content-Type"].startswith("text/plain; version=")
-        text = response.read().decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            (label,) = sample.labels.values() or ("",)
-            samples[sample.name, label] = sample.value
-    return samples
 
 
 def settle(node: Shoal, expected: Samples, *, timeout: float = 10) -> Samples:

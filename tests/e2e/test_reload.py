@@ -12,10 +12,19 @@ from typing import Any
 
 import pytest
 import yaml
-from test_operations import scrape
 from websockets.exceptions import ConnectionClosed
 
-from support import SCALE, Client, Shoal, client, clients_on_workers, eventually, join, wait_until
+from support import (
+    SCALE,
+    Client,
+    Shoal,
+    client,
+    clients_on_workers,
+    eventually,
+    join,
+    scrape,
+    wait_until,
+)
 
 GRACE = 2.0
 
