@@ -11,7 +11,7 @@ from websockets.protocol import OPEN
 
 from shoal.core import protocol
 from shoal.core.keys import TopicKind
-from shoal.core.metrics import BINARY, OTHER, TEXT, counters
+from shoal.core.metrics import BINARY, TEXT, counters
 from shoal.core.registry import Members, Snapshot
 from shoal.core.schema import CloseCode
 
@@ -104,10 +104,7 @@ class Connection:
     async def send(self, message: Mapping[str, Any]) -> None:
         """Send one JSON message to this client."""
         payload = protocol.encode(message)
-        try:
-            counters.messages_out[message["type"]] += 1
-        except (KeyError, TypeError):  # no type, one not in the schema, or unhashable
-            counters.messages_out[OTHER] += 1
+        counters.sent(message.get("type"))
         self.push(protocol.frame(payload), payload, True)
 
     async def send_text(self, text: str) -> None:

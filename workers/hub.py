@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -338,7 +338,7 @@ def route(
         wire = protocol.frame(payload, text=text)
         excluded = None
         if channel == worker_channel:
-            recipients: Iterable[Connection] = [local[c] for c in target or () if c in local]
+            recipients: Collection[Connection] = [local[c] for c in target or () if c in local]
         else:
             found = local.values() if channel == bus_all else topics.get(channel)
             if not found:
@@ -346,18 +346,20 @@ def route(
             recipients = found
             if target is not None:
                 excluded = local.get(target)  # type: ignore[arg-type]
-        plain = 0  # recipients of this frame without compression
+        # Counted from sizes, not per recipient: this loop is the cost of fan-out.
+        before, skipped = len(routed.deflated), 0
         for conn in recipients:
             if conn is excluded:
+                skipped = 1
                 continue
             if conn.deflate:
                 routed.deflated.append((conn, wire, payload, text))
                 continue
-            plain += 1
             if (frames := outbox.get(conn)) is None:
                 outbox[conn] = [wire]
             else:
                 frames.append(wire)
+        plain = len(recipients) - skipped - (len(routed.deflated) - before)
         routed.deliveries += plain
         routed.written += plain * len(wire)
     routed.deliveries += len(routed.deflated)
