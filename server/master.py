@@ -40,13 +40,13 @@ from pathlib import Path
 
 import redis
 
-from shoal.config.model import Config, RedisConfig
+from shoal.config.model import Config
 from shoal.core import logs
 from shoal.core.errors import ConfigError, ShoalError
 from shoal.core.resp import RedisAddress
 from shoal.core.schema import CloseCode
 from shoal.core.scoreboard import Scoreboard
-from shoal.server import housekeeper, limits, listeners, pidfile, status
+from shoal.server import housekeeper, limits, listeners, pidfile, reconfig, status
 from shoal.server.embedded import EmbeddedRedis
 from shoal.server.notify import Notifier
 from shoal.server.supervisor import (
@@ -75,14 +75,6 @@ MIN_REDIS_VERSION = (6, 2)
 # scoreboard's shared memory is sized once, before the first fork.
 MAX_WORKERS_FACTOR = 4
 MIN_MAX_WORKERS = 64
-# Settings a reload cannot change in a running node: its listeners, and its Redis (where
-# its state is, and the timings its housekeeper, which a reload keeps, shares with the
-# workers).
-FIXED_ON_RELOAD = (
-    *(("server", key) for key in ("host", "port", "path", "node_id", "backlog")),
-    *(("redis", key) for key in RedisConfig.model_fields),
-)
-
 Reader = Callable[[], Config]
 
 
@@ -441,43 +433,9 @@ class Master:
 
     def _apply(self, config: Config) -> None:
         """Take a re-read configuration, keeping what cannot change in a running node."""
-        for section, key in FIXED_ON_RELOAD:
-            old = getattr(getattr(self.config, section), key)
-            new = getattr(getattr(config, section), key)
-            if new != old:
-                secret = key == "url"  # it may hold a password
-                logger.error(
-                    "reload: %s.%s cannot change while shoal runs; keeping %s (the file "
-                    "says %s) until a restart",
-                    section,
-                    key,
-                    "the running value" if secret else repr(old),
-                    "another" if secret else repr(new),
-                )
-                part = getattr(config, section).model_copy(update={key: old})
-                config = config.model_copy(update={section: part})
-        had_tasks, has_tasks = bool(self.task_processes), bool(self._task_processes(config))
-        if had_tasks != has_tasks:
-            logger.error(
-                "reload: tasks.task_worker_num cannot turn the task pool %s while shoal "
-                "runs; keeping it %s until a restart",
-                "on" if has_tasks else "off",
-                "on" if had_tasks else "off",
-            )
-            tasks = config.tasks.model_copy(
-                update={"task_worker_num": self.config.tasks.task_worker_num}
-            )
-            config = config.model_copy(update={"tasks": tasks})
-        workers = config.server.worker_num
-        if workers > self.max_workers:
-            logger.error(
-                "reload: server.worker_num %d is more than this node can grow to (%d); using %d",
-                workers,
-                self.max_workers,
-                self.max_workers,
-            )
-            server = config.server.model_copy(update={"worker_num": self.max_workers})
-            config = config.model_copy(update={"server": server})
+        config = reconfig.merge(
+            self.config, config, max_workers=self.max_workers, tasks_only=self.tasks_only
+        )
         self.config = config
         self.task_processes = self._task_processes(config)
         self.supervisor.policy = _policy(config)
