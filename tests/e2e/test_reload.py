@@ -21,7 +21,6 @@ from support import (
     client,
     clients_on_workers,
     eventually,
-    join,
     scrape,
     wait_until,
 )
@@ -63,16 +62,42 @@ async def closed_with(c: Client) -> tuple[int | None, float]:
     return (received.code if received else None), time.monotonic()
 
 
-async def connect_loop(node: Shoal, stop: asyncio.Event) -> tuple[int, list[str]]:
-    """Connect, read the welcome and leave, over and over; returns (successes, failures)."""
-    ok, failures = 0, []
+class Tally:
+    """What a background client saw: successes, and failures by description."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.failures: list[str] = []
+
+
+async def connect_loop(node: Shoal, stop: asyncio.Event, tally: Tally) -> None:
+    """Connect, read the welcome and leave, over and over."""
     while not stop.is_set():
         try:
             async with client(node.url()):
-                ok += 1
+                tally.ok += 1
         except Exception as exc:  # every way a handshake can fail counts
-            failures.append(repr(exc))
-    return ok, failures
+            tally.failures.append(repr(exc))
+
+
+async def chatter(node: Shoal, stop: asyncio.Event, tally: Tally) -> None:
+    """Send room messages and read each back, reconnecting (and rejoining) after a 1012:
+    messages flowing through the reload. Anything but a 1012 close is a failure."""
+    n = 0
+    while not stop.is_set():
+        try:
+            async with client(node.url("talker")) as c:
+                await c.request({"type": "join_room", "room": "flow"}, "joined_room")
+                while not stop.is_set():
+                    n += 1
+                    await c.send({"type": "room_message", "room": "flow", "message": n})
+                    assert (await c.expect("room_message"))["message"] == n
+                    tally.ok += 1
+        except ConnectionClosed as exc:
+            if exc.rcvd is None or exc.rcvd.code != 1012:
+                tally.failures.append(repr(exc))
+        except Exception as exc:
+            tally.failures.append(repr(exc))
 
 
 async def test_sighup_replaces_every_worker_under_traffic(node: Shoal) -> None:
@@ -82,23 +107,28 @@ async def test_sighup_replaces_every_worker_under_traffic(node: Shoal) -> None:
     old = set(node.worker_pids())
     users = [f"u{n}" for n in range(12)]
     async with clients_on_workers(node, users) as clients:
-        await join("lobby", *clients[:2])
         stop = asyncio.Event()
-        loop = asyncio.create_task(connect_loop(node, stop))
-        await eventually(lambda: _true_after(loop), 5, "the connect loop to start")
+        connects, messages = Tally(), Tally()
+        background = [
+            asyncio.create_task(connect_loop(node, stop, connects)),
+            asyncio.create_task(chatter(node, stop, messages)),
+        ]
+        await eventually(_both_running(connects, messages), 10, "connections and messages to flow")
         closes = [asyncio.create_task(closed_with(c)) for c in clients]
         hup = time.monotonic()
         node.signal(signal.SIGHUP)
         new = await asyncio.to_thread(wait_until, lambda: replaced(node, old), 30, "new workers")
         results = await asyncio.gather(*closes)
-        # Let the loop run on against the new workers for a moment, then stop it.
         await asyncio.to_thread(
             wait_until, lambda: "reload done" in node.log(), 10, "the reload to finish"
         )
+        # Both go on against the new workers before they stop.
+        after = connects.ok, messages.ok
+        await eventually(_both_beyond(connects, messages, after), 10, "traffic on the new workers")
         stop.set()
-        ok, failures = await loop
-    assert failures == [], failures[:5]
-    assert ok > 10
+        await asyncio.gather(*background)
+    assert connects.failures == [], connects.failures[:5]
+    assert messages.failures == [], messages.failures[:5]
     assert {code for code, _ in results} == {1012}
     by_worker: dict[str, list[float]] = {}
     for c, (_, at) in zip(clients, results, strict=True):
@@ -114,16 +144,20 @@ async def test_sighup_replaces_every_worker_under_traffic(node: Shoal) -> None:
     assert metrics["shoal_worker_restarts_total", "crashed"] == 0
     assert metrics["shoal_reloads_total", "ok"] == 1
     assert metrics["shoal_reload_duration_seconds_count", ""] == 1
-    # The new workers serve rooms across the node.
-    async with clients_on_workers(node, ["a", "b"]) as (a, b):
-        await join("after", a, b)
-        await a.send({"type": "room_message", "room": "after", "message": "hi"})
-        assert (await b.expect("room_message"))["message"] == "hi"
 
 
-async def _true_after(task: asyncio.Task[Any]) -> bool:
-    await asyncio.sleep(0.2)  # lets the loop connect a few times; not an assertion wait
-    return not task.done()
+def _both_running(*tallies: Tally) -> Any:
+    async def check() -> bool:
+        return all(tally.ok >= 3 for tally in tallies)
+
+    return check
+
+
+def _both_beyond(connects: Tally, messages: Tally, counts: tuple[int, int]) -> Any:
+    async def check() -> bool:
+        return connects.ok > counts[0] + 3 and messages.ok > counts[1] + 3
+
+    return check
 
 
 async def test_sighup_applies_a_changed_config(node: Shoal) -> None:
