@@ -373,7 +373,7 @@ class Master:
             housekeeper=housekeeper_,
             task_pool=task_pool_,
             redis=status.Redis(
-                address="embedded" if self.embedded else str(RedisAddress.from_url(self.redis_url)),
+                address=str(RedisAddress.from_url(self.redis_url)),
                 embedded=self.embedded is not None,
                 up=all(redis_up) if redis_up else None,
             ),
