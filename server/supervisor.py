@@ -376,7 +376,7 @@ class Supervisor:
             or child is None
             or child.retiring_since is not None
             or child.ready_at is None
-            or child.replaces is not None
+            or child is self.current
             or now < child.recycle_after
             or (child.kind, child.slot) in self.queue
             or (self.current is not None and self.current.replaces == pid)
@@ -400,6 +400,7 @@ class Supervisor:
             if new.ready_at is not None:
                 self.current = None
                 old = self.children.get(new.replaces) if new.replaces is not None else None
+                new.replaces = None  # it serves the slot now, like any other child
                 key = (new.kind, new.slot)
                 reason = "max_request" if key in self.recycled else "reload"
                 self.recycled.discard(key)

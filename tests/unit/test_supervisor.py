@@ -503,6 +503,18 @@ def test_recycle_replaces_one_worker_once() -> None:
     ]
 
 
+def test_a_worker_started_by_a_reload_can_be_recycled_later() -> None:
+    node = Node({Kind.WEBSOCKET: 1})
+    node.boot(0.0)
+    _ready_all(node, 0.5)
+    _rollout_step(node, node.sup.reload(1.0, (Kind.WEBSOCKET,)), 1.0)
+    node.ready(Kind.WEBSOCKET, 0, 1.5)
+    node.sup.tick(2.0)
+    reloaded = node.pid(Kind.WEBSOCKET, 0)
+    spawn = _rollout_step(node, node.sup.recycle(reloaded, 3.0), 3.0)
+    assert spawn.replaces == reloaded
+
+
 def test_old_worker_dying_during_its_replacement_is_not_respawned() -> None:
     node = Node({Kind.WEBSOCKET: 1})
     node.boot(0.0)
