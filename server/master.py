@@ -36,7 +36,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 import redis
 
@@ -49,6 +48,7 @@ from shoal.core.scoreboard import Scoreboard
 from shoal.server import housekeeper, limits, listeners, pidfile, reconfig, status
 from shoal.server.embedded import EmbeddedRedis
 from shoal.server.notify import Notifier
+from shoal.server.report import Report
 from shoal.server.supervisor import (
     Action,
     Drop,
@@ -116,16 +116,14 @@ class Master:
         self.dead_workers: list[str] = []
         self.housekeeper_fd: int | None = None
         self._wakeup_r, self._wakeup_w = -1, -1
-        self.notifier = Notifier(None)
-        self.serving = False  # every worker was ready once: READY=1 was sent
-        self.next_watchdog = 0.0
-        self.next_status = 0.0
-        self.next_snapshot = 0.0
-        self.status_path: Path | None = None
-        self.started_at = time.time()
-        self.reloads = 0
-        self.reload_at = 0.0  # unix time the running reload began
-        self.last_reload: status.Reload | None = None
+        self.pid_path = pidfile.resolve(server, name="shoal-tasks" if tasks_only else "shoal")
+        # Now, before anything is spawned: no child inherits the service manager's socket.
+        self.report = Report(
+            self,
+            Notifier.from_environ(),
+            status.path_for(self.pid_path),
+            embedded=config.redis.embedded,
+        )
 
     def _task_processes(self, config: Config) -> int:
         if self.tasks_only and not config.task_processes:
@@ -143,19 +141,14 @@ class Master:
         """
         server = self.config.server
         logs.set_role("master")
-        # Before anything is spawned: no child inherits the service manager's socket.
-        self.notifier = Notifier.from_environ()
         warning = limits.raise_nofile(server.max_connection, server.worker_num)
         if warning is not None:
             logger.warning("%s", warning)
-        pid_path = pidfile.resolve(server, name="shoal-tasks" if self.tasks_only else "shoal")
-        with pidfile.PidFile(pid_path):
-            self.status_path = status.path_for(pid_path)
+        with pidfile.PidFile(self.pid_path):
             try:
                 return self._run()
             finally:
-                with contextlib.suppress(OSError):
-                    self.status_path.unlink()
+                self.report.close()
 
     def _run(self) -> int:
         server = self.config.server
@@ -201,10 +194,8 @@ class Master:
                 self._observe()
                 self._execute(self.supervisor.tick(time.monotonic()))
                 self._notify_housekeeper()
-                self._announce(time.monotonic())
-                self._write_status(time.monotonic())
+                self.report.tick(time.monotonic())
         finally:
-            self.notifier.close()
             for slot in list(self.listeners):
                 self._drop_listener(slot)
             if self.embedded is not None:
@@ -270,121 +261,9 @@ class Master:
             workers = len(self.supervisor.worker_slots())
             self._scale(now, workers + (1 if signum == signal.SIGTTIN else -1), name)
 
-    def _announce(self, now: float) -> None:
-        """Tell the service manager (systemd) how the node is."""
-        if not self.serving and not self.supervisor.stopping and self._all_ready():
-            self.serving = True
-            self.notifier.ready()
-            logger.info("shoal node %s ready", self.node_id)
-            self.next_status = 0.0
-        interval = self.notifier.watchdog_interval
-        if interval and now >= self.next_watchdog:
-            self.notifier.watchdog()
-            self.next_watchdog = now + interval / 2
-        if self.notifier.enabled and now >= self.next_status and not self.supervisor.stopping:
-            self.next_status = now + 10.0
-            self.notifier.status(self._status_line())
-
-    def _all_ready(self) -> bool:
-        kinds = {Kind.TASKS} if self.tasks_only else {Kind.WEBSOCKET}
-        ready = {
-            (child.kind, child.slot)
-            for child in self.supervisor.children.values()
-            if child.kind in kinds and child.ready_at is not None
-        }
-        return all(key in ready for key in self.supervisor.slots if key[0] in kinds)
-
-    def _status_line(self) -> str:
-        if self.supervisor.stopping:
-            return "stopping"
-        state = "reloading; " if self.supervisor.reloading is not None else ""
-        if self.tasks_only:
-            return f"{state}task pool of {self.task_processes} processes"
-        workers = len(self.supervisor.worker_slots())
-        return f"{state}{workers} workers, {self.scoreboard.connections()} connections"
-
-    # The status file (`shoal status`)
-
-    def _write_status(self, now: float) -> None:
-        if self.status_path is None or now < self.next_snapshot:
-            return
-        self.next_snapshot = now + 1.0
-        try:
-            status.write(self.status_path, self._snapshot(now))
-        except OSError as exc:
-            logger.warning("cannot write the status file %s: %s", self.status_path, exc)
-            self.next_snapshot = now + 60.0
-
-    def _snapshot(self, now: float) -> status.Snapshot:
-        wall = time.time()
-        sup = self.supervisor
-        server = self.config.server
-        workers: list[status.Worker] = []
-        housekeeper_: status.Housekeeper | None = None
-        task_pool_: status.TaskPool | None = None
-        redis_up: list[bool] = []
-        for child in sup.children.values():
-            seat = self.seats.get(child.pid)
-            started_at = wall - (now - child.started)
-            if child.kind is Kind.WEBSOCKET and seat is not None:
-                state: status.WorkerState = (
-                    "retiring"
-                    if child.retiring_since is not None
-                    else "serving"
-                    if child.ready_at is not None
-                    else "starting"
-                )
-                if child.ready_at is not None:
-                    redis_up.append(self.scoreboard.redis_up(seat))
-                workers.append(
-                    status.Worker(
-                        slot=child.slot,
-                        pid=child.pid,
-                        generation=child.generation,
-                        started_at=started_at,
-                        state=state,
-                        connections=self.scoreboard.connections_of(seat),
-                        messages=self.scoreboard.messages(seat),
-                    )
-                )
-            elif child.kind is Kind.HOUSEKEEPER:
-                housekeeper_ = status.Housekeeper(pid=child.pid, started_at=started_at)
-            elif child.kind is Kind.TASKS and child.retiring_since is None:
-                task_pool_ = status.TaskPool(
-                    pid=child.pid, started_at=started_at, processes=self.task_processes
-                )
-        state_: status.State = (
-            "stopping"
-            if sup.stopping
-            else "reloading"
-            if sup.reloading is not None
-            else "running"
-            if self.serving
-            else "starting"
-        )
-        return status.Snapshot(
-            pid=os.getpid(),
-            node=self.node_id,
-            started_at=self.started_at,
-            updated_at=wall,
-            state=state_,
-            listen=None if self.tasks_only else f"ws://{server.host}:{server.port}{server.path}",
-            workers=tuple(sorted(workers, key=lambda w: (w.slot, w.generation))),
-            housekeeper=housekeeper_,
-            task_pool=task_pool_,
-            redis=status.Redis(
-                address=str(RedisAddress.from_url(self.redis_url)),
-                embedded=self.embedded is not None,
-                up=all(redis_up) if redis_up else None,
-            ),
-            reloads=self.reloads,
-            last_reload=self.last_reload,
-        )
-
     def _stop(self, *, now: bool = False) -> None:
         if not self.supervisor.stopping:
-            self.notifier.stopping()
-            self.notifier.status("stopping")
+            self.report.stopping()
         for pid, seat in self.seats.items():
             if pid in self.worker_ids:
                 self.scoreboard.set_close_code(seat, CloseCode.GOING_AWAY)
@@ -408,12 +287,8 @@ class Master:
                 config = self.reread()
             except ShoalError as exc:
                 logger.error("reload: the configuration is invalid; nothing changed:\n%s", exc)
-                self.reloads += 1
                 self.scoreboard.metrics.count_reload(0.0, ok=False)
-                self.last_reload = status.Reload(
-                    at=time.time(), ok=False, seconds=0.0, reason=f"invalid configuration: {exc}"
-                )
-                self.next_snapshot = 0.0
+                self.report.reload_refused(f"invalid configuration: {exc}")
                 return
             self._apply(config)
         else:
@@ -424,12 +299,8 @@ class Master:
         self._execute(self.supervisor.reload(now, kinds))
 
     def _begin_reload(self) -> None:
-        if self.supervisor.reloading is not None:
-            return  # it will be done again when the one running ends
-        self.reload_at = time.time()
-        if self.serving:
-            self.notifier.reloading()
-            self.notifier.status("reloading")
+        if self.supervisor.reloading is None:  # else it is done again when that one ends
+            self.report.reload_started()
 
     def _apply(self, config: Config) -> None:
         """Take a re-read configuration, keeping what cannot change in a running node."""
@@ -499,17 +370,8 @@ class Master:
             os.kill(action.pid, signal.SIGTERM)
 
     def _rolled(self, action: Rolled) -> None:
-        if self.serving:
-            self.notifier.ready()
-            self.next_status = 0.0
-        self.reloads += 1
+        self.report.reload_done(action)
         self.scoreboard.metrics.count_reload(action.seconds, action.ok)
-        # A reload asked for while one ran starts as this one ends.
-        at, self.reload_at = self.reload_at, time.time()
-        self.last_reload = status.Reload(
-            at=at, ok=action.ok, seconds=action.seconds, reason=action.reason
-        )
-        self.next_snapshot = 0.0
         if action.ok:
             logger.info("reload done in %.1f s", action.seconds)
         else:
