@@ -86,8 +86,6 @@ class Sessions:
     ) -> None:
         self.worker_id = worker_id
         self.app = app
-        self.handled = 0
-        """Messages received from clients, for `server.max_request`."""
         self.closing: CloseCode | None = None
         """The worker is stopping: a connection whose handshake ends now is closed so."""
         self.hub = hub
@@ -153,7 +151,6 @@ class Sessions:
         conn: Connection | None = ws.session
         if conn is None:
             return  # being refused (an invalid user_id)
-        self.handled += 1
         if conn.busy:
             if conn.hold(data) == _INBOX_HIGH:
                 ws.pause_reading()

@@ -296,7 +296,8 @@ class Worker:
         limit = server.max_request + random.randint(0, server.max_request_jitter)
         asked = False
         while True:
-            handled = self.sessions.handled
+            # Every message a client sent, as `/metrics` counts it.
+            handled = sum(metrics.counters.messages_in.values())
             self.scoreboard.set_progress(self.seat, handled, redis_up=self._healthy())
             if server.max_request and handled >= limit and not asked:
                 asked = True
