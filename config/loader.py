@@ -8,6 +8,7 @@ contradiction between sources is caught like any other.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,25 @@ def _describe(
     return "\n".join(lines)
 
 
+HIDDEN = "***"
+
+
 def dump(config: Config) -> str:
-    """The resolved configuration as YAML, every key included."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved configuration as YAML, every key included, secrets hidden: the
+    password in `redis.url` and `tasks.smtp.password` read `***` (the output of
+    `shoal check-config` ends up in terminals, tickets and CI logs)."""
+    data = config.model_dump(mode="json")
+    data["redis"]["url"] = _without_password(data["redis"]["url"])
+    smtp = data["tasks"]["smtp"]
+    if smtp["password"] is not None:
+        smtp["password"] = HIDDEN
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _without_password(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:{HIDDEN}@{host}").geturl()

@@ -129,3 +129,23 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     """What check-config prints loads back to the same config."""
     config = load(environ={"SHOAL_SERVER__PORT": "1234"})
     assert load(write(tmp_path, dump(config)), environ={}) == config
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:sekret@10.0.0.1:6379/0", "redis://:***@10.0.0.1:6379/0"),
+        ("rediss://bob:sekret@cache.internal:6380/2", "rediss://bob:***@cache.internal:6380/2"),
+        ("redis://10.0.0.1:6379/0", "redis://10.0.0.1:6379/0"),
+        ("embedded", "embedded"),
+    ],
+)
+def test_dump_hides_passwords(tmp_path: Path, url: str, shown: str) -> None:
+    """`shoal check-config` output lands in terminals and tickets: no secret in it."""
+    path = write(
+        tmp_path,
+        f"redis: {{url: '{url}'}}\ntasks: {{smtp: {{password: hunter2}}}}\n",
+    )
+    text = dump(load(path, environ={}))
+    assert f"url: {shown}\n" in text
+    assert "sekret" not in text and "hunter2" not in text
