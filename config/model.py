@@ -263,12 +263,19 @@ class TasksConfig(_Section):
         return value
 
 
+class LimitsConfig(_Section):
+    """What one client may make the server keep or send on its behalf."""
+
+    max_metadata_bytes: Annotated[int, Field(ge=2)] = 4096
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     app: AppConfig = Field(default_factory=AppConfig)
     tasks: TasksConfig = Field(default_factory=TasksConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     @property
     def task_processes(self) -> int:

@@ -23,13 +23,20 @@ from shoal.core.errors import ProtocolError
 
 INVALID_FORMAT = "Invalid message format"
 MAX_NAME_LENGTH = 256
+# Objects and arrays nested deeper are refused. The encoder writes at most 254 levels
+# back (orjson): a client's data nested deeper, stored as metadata or wrapped into a
+# room message or a presence reply, could be read but never sent again, and every
+# `presence` that included it failed for everyone.
+MAX_DEPTH = 64
+TOO_DEEP = f"Message nested too deeply: at most {MAX_DEPTH} levels"
 
 
 def parse(raw: str | bytes) -> dict[str, Any]:
     """Decode one client text frame into a message object.
 
     Raises:
-        ProtocolError: not JSON, not an object, or no string `type`.
+        ProtocolError: not JSON, not an object, no string `type`, or nested deeper than
+            `MAX_DEPTH` levels.
     """
     try:
         message = orjson.loads(raw)
@@ -37,7 +44,27 @@ def parse(raw: str | bytes) -> dict[str, Any]:
         raise ProtocolError(INVALID_FORMAT) from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError(INVALID_FORMAT)
+    # Counting brackets runs in C and bounds the depth: most messages need no walk.
+    if isinstance(raw, bytes):
+        brackets = raw.count(b"[") + raw.count(b"{")
+    else:
+        brackets = raw.count("[") + raw.count("{")
+    if brackets > MAX_DEPTH and _too_deep(message):
+        raise ProtocolError(TOO_DEEP)
     return message
+
+
+def _too_deep(value: dict[str, Any]) -> bool:
+    """Whether objects and arrays nest more than `MAX_DEPTH` levels in `value`."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
 
 
 def encode(message: Mapping[str, Any]) -> bytes:

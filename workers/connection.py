@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.protocol import OPEN
 
 from shoal.core import protocol
+from shoal.core.errors import ProtocolError
 from shoal.core.keys import TopicKind
 from shoal.core.metrics import BINARY, TEXT, counters
 from shoal.core.registry import Members, Snapshot
@@ -196,8 +197,16 @@ class Connection:
         await self.hub.leave(self, TopicKind.CHANNEL, channel, limit=0)
 
     async def set_metadata(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
-        """Merge `metadata` into this connection's metadata. Returns the result."""
+        """Merge `metadata` into this connection's metadata. Returns the result.
+
+        Raises:
+            ProtocolError: the result would be over `limits.max_metadata_bytes` as JSON
+                (every `presence` that lists this connection carries it); nothing changes.
+        """
         merged = {**self.metadata, **metadata}
+        limit = self.hub.max_metadata_bytes
+        if len(protocol.encode(merged)) > limit:
+            raise ProtocolError(f"Metadata too large: at most {limit} bytes as JSON")
         await self.hub.registry.set_metadata(self.id, merged)
         self.metadata = merged
         return merged

@@ -53,6 +53,7 @@ class Hub:
         *,
         buffer_limit: int,
         close_timeout: float,
+        max_metadata_bytes: int,
     ) -> None:
         self.keys = keys
         self.registry = registry
@@ -60,6 +61,7 @@ class Hub:
         self.tasks = tasks
         self.buffer_limit = buffer_limit
         self.close_timeout = close_timeout
+        self.max_metadata_bytes = max_metadata_bytes
         self.worker_id = registry.worker_id
         self.node_id = registry.node_id
         self.worker_channel = keys.bus_worker(self.worker_id)

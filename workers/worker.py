@@ -124,6 +124,7 @@ class Worker:
             self.tasks,
             buffer_limit=config.server.buffer_output_size,
             close_timeout=config.server.close_timeout,
+            max_metadata_bytes=config.limits.max_metadata_bytes,
         )
         self.keeper = Keeper(self.hub, config.redis, self._tell)
         self.sessions = Sessions(

@@ -40,3 +40,29 @@ def test_fields() -> None:
             protocol.name_field(bad, "room")
     assert protocol.field({"message": 0}, "message") == 0
     assert protocol.timestamp(1.5) == 1500
+
+
+def nested(levels: int) -> str:
+    """A message whose `data` makes the whole nest `levels` levels deep."""
+    inner = levels - 1  # the message object itself is the first level
+    return '{"type": "x", "data": ' + "[" * inner + "]" * inner + "}"
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_parse_refuses_nesting_deeper_than_the_encoder_writes_back(as_bytes: bool) -> None:
+    for levels, accepted in ((protocol.MAX_DEPTH, True), (protocol.MAX_DEPTH + 1, False)):
+        raw = nested(levels)
+        data: str | bytes = raw.encode() if as_bytes else raw
+        if accepted:
+            protocol.encode(protocol.parse(data))  # and it can be written back
+        else:
+            with pytest.raises(ProtocolError, match="nested too deeply: at most 64 levels"):
+                protocol.parse(data)
+
+
+def test_parse_accepts_many_brackets_that_do_not_nest() -> None:
+    """Wide data is walked, not refused: the bracket count is only a bound."""
+    wide = '{"type": "x", "data": [' + ", ".join(['{"a": [1]}'] * 500) + "]}"
+    assert len(protocol.parse(wide)["data"]) == 500
+    # Brackets inside strings count too, and are not nesting.
+    assert protocol.parse('{"type": "x", "s": "' + "[" * 500 + '"}')["type"] == "x"
