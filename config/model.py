@@ -31,6 +31,7 @@ _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+")
 
 
 def _cpu_count() -> int:
@@ -59,6 +60,7 @@ class ServerConfig(_Section):
     close_timeout: PositiveFloat = 3.0
     shutdown_timeout: PositiveFloat = 10.0
     worker_timeout: PositiveFloat = 30.0
+    allowed_origins: tuple[str, ...] | None = None
     reload_grace: NonNegativeFloat = 5.0
     max_request: NonNegativeInt = 0
     max_request_jitter: NonNegativeInt = 0
@@ -73,6 +75,17 @@ class ServerConfig(_Section):
             raise ValueError("must start with '/' and hold no query or spaces")
         if value == "/healthz":
             raise ValueError("/healthz is the health endpoint; choose another path")
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for origin in value or ():
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: scheme://host[:port], as browsers send "
+                    "it (e.g. https://app.example.com), with no path"
+                )
         return value
 
     @field_validator("node_id")

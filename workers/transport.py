@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -78,6 +78,8 @@ class Settings:
     close_timeout: float
     compression: bool
     extensions: list[ServerExtensionFactory] = field(default_factory=list)
+    origins: list[str | None] | None = None
+    """Acceptable `Origin` headers (None: a request without one); None: any."""
 
     @classmethod
     def make(
@@ -87,9 +89,23 @@ class Settings:
         open_timeout: float,
         close_timeout: float,
         compression: bool,
+        *,
+        allowed_origins: Sequence[str] | None = None,
     ) -> Settings:
+        """Settings from the config's values.
+
+        Args:
+            allowed_origins: `server.allowed_origins`. A handshake from a browser on
+                another origin is refused with 403; one without an `Origin` header (not
+                from a browser) is accepted, since cross-site hijacking needs a browser.
+        """
         extensions = list(enable_server_permessage_deflate(None)) if compression else []
-        return cls(max_size, max_buffer, open_timeout, close_timeout, compression, extensions)
+        origins: list[str | None] | None = None
+        if allowed_origins is not None:
+            origins = [*allowed_origins, None]
+        return cls(
+            max_size, max_buffer, open_timeout, close_timeout, compression, extensions, origins
+        )
 
 
 class _ServerProtocol(ServerProtocol):
@@ -146,6 +162,7 @@ class WebSocket(asyncio.Protocol):
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.protocol: ServerProtocol = _ServerProtocol(
+            origins=settings.origins,  # type: ignore[arg-type]  # str is websockets' Origin
             extensions=settings.extensions or None,
             max_size=settings.max_size,
             logger=_QUIET,

@@ -231,6 +231,7 @@ class Worker:
             open_timeout=server.handshake_timeout,
             close_timeout=server.close_timeout,
             compression=server.websocket_compression,
+            allowed_origins=server.allowed_origins,
         )
         self.factory = transport.factory(self.sessions, settings)
         loop = asyncio.get_running_loop()

@@ -149,3 +149,11 @@ def test_dump_hides_passwords(tmp_path: Path, url: str, shown: str) -> None:
     text = dump(load(path, environ={}))
     assert f"url: {shown}\n" in text
     assert "sekret" not in text and "hunter2" not in text
+
+
+def test_allowed_origins_must_be_origins(tmp_path: Path) -> None:
+    path = write(tmp_path, "server: {allowed_origins: ['https://app.example.com/chat']}\n")
+    with pytest.raises(ConfigError, match=r"server.allowed_origins.*not an origin"):
+        load(path, environ={})
+    ok = write(tmp_path, "server: {allowed_origins: ['https://app.example.com:8443']}\n")
+    assert load(ok, environ={}).server.allowed_origins == ("https://app.example.com:8443",)
