@@ -61,6 +61,8 @@ class ServerConfig(_Section):
     shutdown_timeout: PositiveFloat = 10.0
     worker_timeout: PositiveFloat = 30.0
     allowed_origins: tuple[str, ...] | None = None
+    ssl_cert_file: str | None = None
+    ssl_key_file: str | None = None
     reload_grace: NonNegativeFloat = 5.0
     max_request: NonNegativeInt = 0
     max_request_jitter: NonNegativeInt = 0
@@ -105,6 +107,10 @@ class ServerConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:
+        if (self.ssl_cert_file is None) != (self.ssl_key_file is None):
+            raise ValueError(
+                "ssl_cert_file and ssl_key_file go together: give both to serve wss://, or neither"
+            )
         if self.metrics_path == self.path:
             raise ValueError(
                 f"metrics_path ({self.metrics_path}) must differ from path: the metrics "

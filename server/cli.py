@@ -17,6 +17,7 @@ from shoal.core import task as task_api
 from shoal.core.errors import BootError, ConfigError, ShoalError
 from shoal.server import control, pidfile
 from shoal.server.master import Master
+from shoal.workers import tls
 
 EXIT_CONFIG = 2
 CONTROL_COMMANDS = ("reload", "stop", "status")
@@ -140,6 +141,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def _load(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
     config = loader.load(path, overrides)
     app.check(config.app.module)
+    tls.context(config.server)  # the files exist, and the key matches the certificate
     try:
         # Imported here, before any fork: every child inherits them, and a module that
         # cannot be imported is a configuration error, not a crash loop.

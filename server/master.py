@@ -62,7 +62,7 @@ from shoal.server.supervisor import (
     Supervisor,
 )
 from shoal.tasks import process as task_pool
-from shoal.workers import worker
+from shoal.workers import tls, worker
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +173,10 @@ class Master:
                 )
             else:
                 logger.info(
-                    "shoal node %s: %d workers on ws://%s:%d%s, redis %s, prefix %r",
+                    "shoal node %s: %d workers on %s://%s:%d%s, redis %s, prefix %r",
                     self.node_id,
                     server.worker_num,
+                    tls.scheme(server),
                     server.host,
                     server.port,
                     server.path,

@@ -21,6 +21,7 @@ from shoal.core.scoreboard import Scoreboard
 from shoal.server import status
 from shoal.server.notify import Notifier
 from shoal.server.supervisor import Kind, Rolled, Supervisor
+from shoal.workers import tls
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +205,9 @@ class Report:
             started_at=self.started_at,
             updated_at=wall,
             state=state_,
-            listen=None if node.tasks_only else f"ws://{server.host}:{server.port}{server.path}",
+            listen=None
+            if node.tasks_only
+            else f"{tls.scheme(server)}://{server.host}:{server.port}{server.path}",
             workers=tuple(sorted(workers, key=lambda w: (w.slot, w.generation))),
             housekeeper=housekeeper,
             task_pool=task_pool,

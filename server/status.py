@@ -9,7 +9,7 @@ The JSON object (times are unix times, in seconds):
 
     {"version": 1, "pid", "node", "started_at", "updated_at",
      "state": "starting" | "running" | "reloading" | "stopping",
-     "listen": "ws://host:port/path" (null for `shoal tasks`),
+     "listen": "ws://host:port/path" or "wss://..." (null for `shoal tasks`),
      "workers": [{"slot", "pid", "generation", "started_at",
                   "state": "starting" | "serving" | "retiring",
                   "connections", "messages"}],

@@ -44,13 +44,13 @@ from shoal.core import loops, metrics, protocol
 from shoal.core import task as task_api
 from shoal.core.backoff import full_jitter
 from shoal.core.bus import Bus
-from shoal.core.errors import BootError, ServiceUnavailable
+from shoal.core.errors import BootError, ConfigError, ServiceUnavailable
 from shoal.core.keys import Keys
 from shoal.core.placement import Placement as ChildPlacement
 from shoal.core.registry import Registry, connect
 from shoal.core.resp import RedisAddress, Timeouts
 from shoal.core.schema import ADVICE, CloseCode
-from shoal.workers import exposition, http, transport
+from shoal.workers import exposition, http, tls, transport
 from shoal.workers.admission import Admission
 from shoal.workers.dispatcher import Tasks
 from shoal.workers.hub import Hub
@@ -150,8 +150,9 @@ class Worker:
             servers = await self._listen()
             self.scoreboard.set_ready(self.seat)
             logger.info(
-                "worker %s serving ws://%s:%d%s",
+                "worker %s serving %s://%s:%d%s",
                 self.id,
+                tls.scheme(config.server),
                 config.server.host,
                 config.server.port,
                 config.server.path,
@@ -236,14 +237,23 @@ class Worker:
         self.factory = transport.factory(self.sessions, settings)
         loop = asyncio.get_running_loop()
         try:
+            secure = tls.context(server)  # the certificate as the files are now
             return [
-                await loop.create_server(self.factory, sock=sock, backlog=server.backlog)
+                await loop.create_server(
+                    self.factory,
+                    sock=sock,
+                    backlog=server.backlog,
+                    ssl=secure,
+                    ssl_handshake_timeout=server.handshake_timeout if secure else None,
+                )
                 for sock in self.listeners
             ]
         except OSError as exc:
             raise BootError(
                 f"cannot listen on {server.host}:{server.port}: {exc.strerror}"
             ) from exc
+        except ConfigError as exc:  # the certificate went away since the master checked
+            raise BootError(str(exc)) from exc
 
     # HTTP hooks
 
