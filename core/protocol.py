@@ -44,14 +44,17 @@ def parse(raw: str | bytes) -> dict[str, Any]:
         raise ProtocolError(INVALID_FORMAT) from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError(INVALID_FORMAT)
-    # Counting brackets runs in C and bounds the depth: most messages need no walk.
-    if isinstance(raw, bytes):
-        brackets = raw.count(b"[") + raw.count(b"{")
-    else:
-        brackets = raw.count("[") + raw.count("{")
-    if brackets > MAX_DEPTH and _too_deep(message):
+    # Each level takes two characters, so a short message cannot be too deep; in a longer
+    # one, counting brackets (in C) bounds the depth: most messages need no walk.
+    if len(raw) > 2 * MAX_DEPTH and _brackets(raw) > MAX_DEPTH and _too_deep(message):
         raise ProtocolError(TOO_DEEP)
     return message
+
+
+def _brackets(raw: str | bytes) -> int:
+    if isinstance(raw, bytes):
+        return raw.count(b"[") + raw.count(b"{")
+    return raw.count("[") + raw.count("{")
 
 
 def _too_deep(value: dict[str, Any]) -> bool:
