@@ -124,6 +124,14 @@ class Scoreboard:
     def redis_up(self, seat: int) -> bool:
         return bool(self._redis_up[seat])
 
+    def redis_up_everywhere(self) -> bool:
+        """Every serving worker of this node last said Redis answers it."""
+        return all(
+            self._redis_up[seat]
+            for seat in range(self.seats)
+            if self._pid[seat] and self._ready[seat] and self._serving[seat]
+        )
+
     def request_recycle(self, seat: int) -> None:
         """Child: replace me (I reached `server.max_request`)."""
         self._recycle[seat] = 1

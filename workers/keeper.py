@@ -42,12 +42,20 @@ class Keeper:
         hub: the worker's hub (its local connections and registry).
         config: the `redis` section.
         tell: runs the application's `on_departed` for each (user, rooms).
+        peers_up: whether every serving worker of this node reaches Redis.
     """
 
-    def __init__(self, hub: Hub, config: RedisConfig, tell: Callable[[Departures], None]) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        config: RedisConfig,
+        tell: Callable[[Departures], None],
+        peers_up: Callable[[], bool],
+    ) -> None:
         self.hub = hub
         self.ttl = config.heartbeat_ttl
         self.tell = tell
+        self.peers_up = peers_up
         # None until the first heartbeat: only a recovery is worth a log line.
         self.up: bool | None = None
         self.beat = 0.0  # monotonic time of the last heartbeat Redis acknowledged
@@ -134,11 +142,16 @@ class Keeper:
         After Redis came back empty, every worker of every node writes its connections
         back at its own pace; a room's members are only known again once they all have.
         Waiting one heartbeat period after this worker's own recovery gives them that,
-        so that no departure is dropped as if its room were empty.
+        so that no departure is dropped as if its room were empty. The notices go out by
+        pub/sub, which reaches only subscribers connected at that moment: it also waits
+        until every worker of this node has its Redis connections back (`peers_up`),
+        for at most a heartbeat TTL, so that one worker's jittered reconnection does not
+        make its clients miss what another announces.
         """
         if not self.untold or not self.hub.bus.up:
             return
-        if time.monotonic() - self.since < self.ttl / 3:
+        waited = time.monotonic() - self.since
+        if waited < self.ttl / 3 or (waited < self.ttl and not self.peers_up()):
             return
         untold, self.untold = self.untold, []
         logger.info("telling the rooms of %d connections that closed during an outage", len(untold))

@@ -126,7 +126,9 @@ class Worker:
             close_timeout=config.server.close_timeout,
             max_metadata_bytes=config.limits.max_metadata_bytes,
         )
-        self.keeper = Keeper(self.hub, config.redis, self._tell)
+        self.keeper = Keeper(
+            self.hub, config.redis, self._tell, self.scoreboard.redis_up_everywhere
+        )
         self.sessions = Sessions(
             self.id,
             self.app,
