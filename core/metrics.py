@@ -105,7 +105,7 @@ PROCESS_FAMILIES = (
 MASTER_FAMILIES = (
     Family("worker_restarts", "counter", "Child processes the master replaced, by reason.", "reason", RESTART_REASONS),
     Family("reloads", "counter", "Reloads of the node, by outcome.", "outcome", RELOAD_OUTCOMES),
-    Family("reload_duration_seconds", "summary", "How long reloads took, from the reload signal until the old workers were gone (or the reload was given up).", "", (_COUNT, _SUM)),
+    Family("reload_duration_seconds", "summary", "How long reloads took, from the reload signal until the last old worker was told to retire (or the reload was given up).", "", (_COUNT, _SUM)),
 )  # fmt: skip
 FAMILIES = (*PROCESS_FAMILIES, *MASTER_FAMILIES)
 
@@ -260,6 +260,11 @@ class Metrics:
         self._cells[self._retired + _OFFSETS[family] + index] += amount
 
     # Readers
+
+    def messages_in(self, seat: int) -> int:
+        """Messages the child in `seat` received from its clients, as it last published."""
+        start = seat * COLUMNS + _OFFSETS["messages_in"]
+        return int(sum(self._cells[start : start + len(TYPES_IN)]))
 
     def totals(self) -> list[float]:
         """The node's totals, one per column: counters summed over every row, gauges

@@ -29,7 +29,6 @@ class Scoreboard:
         self._connections: Any = RawArray(ctypes.c_int64, seats)
         self._close_code: Any = RawArray(ctypes.c_int32, seats)
         self._drain: Any = RawArray(ctypes.c_int8, seats)
-        self._messages: Any = RawArray(ctypes.c_int64, seats)
         self._recycle: Any = RawArray(ctypes.c_int8, seats)
         self._redis_up: Any = RawArray(ctypes.c_int8, seats)
         self.metrics = Metrics(seats)  # the children's counters (`shoal.core.metrics`)
@@ -47,7 +46,6 @@ class Scoreboard:
         self._connections[seat] = 0
         self._close_code[seat] = 0
         self._drain[seat] = 0
-        self._messages[seat] = 0
         self._recycle[seat] = 0
         self._redis_up[seat] = 0
 
@@ -113,13 +111,9 @@ class Scoreboard:
         """Child: accept what my listener holds before closing it."""
         return bool(self._drain[seat])
 
-    def set_progress(self, seat: int, messages: int, *, redis_up: bool) -> None:
-        """Child: messages handled so far, and whether Redis answers."""
-        self._messages[seat] = messages
-        self._redis_up[seat] = int(redis_up)
-
-    def messages(self, seat: int) -> int:
-        return int(self._messages[seat])
+    def set_redis_up(self, seat: int, up: bool) -> None:
+        """Child: whether Redis answers me."""
+        self._redis_up[seat] = int(up)
 
     def redis_up(self, seat: int) -> bool:
         return bool(self._redis_up[seat])

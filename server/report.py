@@ -184,7 +184,7 @@ class Report:
                         started_at=started_at,
                         state=state,
                         connections=board.connections_of(seat),
-                        messages=board.messages(seat),
+                        messages=board.metrics.messages_in(seat),
                     )
                 )
             elif child.kind is Kind.HOUSEKEEPER:

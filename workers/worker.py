@@ -304,23 +304,24 @@ class Worker:
                     ws.write(protocol.PING_FRAME)
 
     async def _progress(self) -> None:
-        """Publish the messages handled and Redis's state; ask to be replaced once
-        `server.max_request` (plus this worker's jitter) messages were handled."""
+        """Publish whether Redis answers; ask to be replaced once `server.max_request`
+        (plus this worker's jitter) messages were handled."""
         server = self.config.server
         limit = server.max_request + random.randint(0, server.max_request_jitter)
-        asked = False
+        asked = not server.max_request
         while True:
-            # Every message a client sent, as `/metrics` counts it.
-            handled = sum(metrics.counters.messages_in.values())
-            self.scoreboard.set_progress(self.seat, handled, redis_up=self._healthy())
-            if server.max_request and handled >= limit and not asked:
-                asked = True
-                logger.info(
-                    "worker %s handled %d messages (server.max_request); asking to be replaced",
-                    self.id,
-                    handled,
-                )
-                self.scoreboard.request_recycle(self.seat)
+            self.scoreboard.set_redis_up(self.seat, self._healthy())
+            if not asked:
+                # Every message a client sent, as `/metrics` counts it.
+                handled = sum(metrics.counters.messages_in.values())
+                if handled >= limit:
+                    asked = True
+                    logger.info(
+                        "worker %s handled %d messages (server.max_request); asking to be replaced",
+                        self.id,
+                        handled,
+                    )
+                    self.scoreboard.request_recycle(self.seat)
             await asyncio.sleep(loops.BEAT_PERIOD)
 
     def _on_bus_messages(self, messages: list[tuple[bytes, bytes]]) -> None:
