@@ -107,13 +107,17 @@ HIDDEN = "***"
 
 def dump(config: Config) -> str:
     """The resolved configuration as YAML, every key included, secrets hidden: the
-    password in `redis.url` and `tasks.smtp.password` read `***` (the output of
+    password in `redis.url`, `tasks.smtp.password` and `auth.jwt.secret` read `***`
+    (the output of
     `shoal check-config` ends up in terminals, tickets and CI logs)."""
     data = config.model_dump(mode="json")
     data["redis"]["url"] = _without_password(data["redis"]["url"])
     smtp = data["tasks"]["smtp"]
     if smtp["password"] is not None:
         smtp["password"] = HIDDEN
+    jwt = data["auth"]["jwt"]
+    if jwt is not None and jwt["secret"] is not None:
+        jwt["secret"] = HIDDEN
     return yaml.safe_dump(data, sort_keys=False)
 
 

@@ -288,6 +288,104 @@ class LimitsConfig(_Section):
     max_metadata_bytes: Annotated[int, Field(ge=2)] = 4096
 
 
+_ALGORITHMS = (
+    *("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"),
+    *("PS256", "PS384", "PS512", "EdDSA"),
+)
+_ROLE = re.compile(r"[\w.-]{1,64}")
+
+
+class JwtConfig(_Section):
+    """How tokens are verified: one of `secret`, `secret_env`, `public_key_file`,
+    `jwks_url`."""
+
+    secret: str | None = None
+    secret_env: str | None = None
+    public_key_file: str | None = None
+    jwks_url: str | None = None
+    jwks_refresh: Annotated[float, Field(ge=10.0)] = 300.0
+    algorithms: tuple[str, ...] = ("HS256",)
+    audience: str | None = None
+    issuer: str | None = None
+    leeway: NonNegativeFloat = 0.0
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name at least one algorithm")
+        for algorithm in value:
+            if algorithm not in _ALGORITHMS:
+                raise ValueError(f"{algorithm!r} is not one of {', '.join(_ALGORITHMS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JwtConfig:
+        given = [
+            name
+            for name in ("secret", "secret_env", "public_key_file", "jwks_url")
+            if getattr(self, name) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of secret, secret_env, public_key_file, jwks_url"
+                + (f" (found {', '.join(given)})" if given else "")
+            )
+        symmetric = {a for a in self.algorithms if a.startswith("HS")}
+        if (self.secret is not None or self.secret_env is not None) != bool(symmetric):
+            raise ValueError(
+                "algorithms: a secret verifies HS256/HS384/HS512 only, and a public key "
+                "or JWKS the others: mixing them would let a public key sign tokens"
+            )
+        if symmetric and len(symmetric) != len(self.algorithms):
+            raise ValueError("algorithms: do not mix HS* with public-key algorithms")
+        if self.secret_env is not None and not os.environ.get(self.secret_env):
+            raise ValueError(f"secret_env: the environment has no {self.secret_env}")
+        if self.secret is not None and len(self.secret) < 32:
+            raise ValueError("secret: use at least 32 characters (RFC 7518 asks for 256 bits)")
+        if self.public_key_file is not None and not os.path.isfile(
+            os.path.expanduser(self.public_key_file)
+        ):
+            raise ValueError(f"public_key_file: no such file: {self.public_key_file}")
+        if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
+            raise ValueError("jwks_url: must be an http(s) URL")
+        return self
+
+    def secret_value(self) -> str | None:
+        """The HMAC secret, from the config or the environment variable it names."""
+        if self.secret_env is not None:
+            return os.environ[self.secret_env]
+        return self.secret
+
+
+class RoomRuleConfig(_Section):
+    pattern: Annotated[str, Field(min_length=1, max_length=256)]
+    roles: tuple[str, ...]
+
+
+class AuthConfig(_Section):
+    """Identity at the handshake, roles and room rules (docs/security.md)."""
+
+    jwt: JwtConfig | None = None
+    required: bool = True
+    roles: dict[str, tuple[str, ...]] | None = None
+    rooms: tuple[RoomRuleConfig, ...] = ()
+    presence_all: tuple[str, ...] | None = ("admin",)
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, value: dict[str, tuple[str, ...]] | None) -> dict[str, tuple[str, ...]] | None:
+        for role in value or {}:
+            if not _ROLE.fullmatch(role):
+                raise ValueError(f"{role!r} is not a role name (1-64 letters, digits, _ . -)")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        """Whether tokens are verified (`auth.jwt` is set)."""
+        return self.jwt is not None
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
@@ -295,6 +393,7 @@ class Config(_Section):
     app: AppConfig = Field(default_factory=AppConfig)
     tasks: TasksConfig = Field(default_factory=TasksConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     @property
     def task_processes(self) -> int:

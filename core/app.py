@@ -31,6 +31,7 @@ import importlib.util
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol, TypeVar
 
+from shoal.core.auth import Identity, PermissionDenied, Policy
 from shoal.core.errors import BootError, ConfigError
 from shoal.core.jobs import Outcome, Status
 from shoal.core.keys import TopicKind
@@ -41,8 +42,11 @@ __all__ = [
     "App",
     "Connection",
     "Hub",
+    "Identity",
     "Members",
     "Outcome",
+    "PermissionDenied",
+    "Policy",
     "Status",
     "Tasks",
     "TopicKind",
@@ -111,6 +115,23 @@ class Hub(Protocol):
     async def user_connections(self, user_id: str) -> int:
         """How many connections `user_id` has open, across workers and nodes."""
 
+    async def disconnect_user(
+        self, user_id: str, message: Mapping[str, Any], code: int, reason: str
+    ) -> int:
+        """Send `message` to every connection of `user_id`, on any worker or node, then
+        close each with `code` and `reason` (a kick). Returns how many it had."""
+
+    async def ban(self, user_id: str, seconds: int, record: dict[str, Any]) -> None:
+        """Refuse `user_id`'s handshakes with 403 for `seconds`, across the deployment
+        (`record` is kept with the ban). It does not close open connections: kick them."""
+
+    async def unban(self, user_id: str) -> bool:
+        """Lift `user_id`'s ban. Returns whether there was one."""
+
+    @property
+    def policy(self) -> Policy:
+        """What each role may do (`auth.*`): ask it before acting for a client."""
+
     @property
     def tasks(self) -> Tasks:
         """The task queue: wait on jobs, ask where they stand."""
@@ -127,11 +148,15 @@ class Connection(Protocol):
         metadata: what `set_metadata()` merged in; visible in presence.
         rooms, channels: names this connection is in.
         hub: the worker's hub, for cluster-wide operations.
-        request_path: the path and query of the opening handshake.
+        request_path: the path and query of the opening handshake (a `token`
+            parameter's value reads `***`).
+        identity: who the client is (user id, role, the token's claims), decided at
+            the handshake.
     """
 
     id: str
     user_id: str
+    identity: Identity
     address: str
     connected_at: int
     metadata: dict[str, Any]
@@ -157,7 +182,11 @@ class Connection(Protocol):
     async def join(self, room: str, *, limit: int | None = None) -> Members:
         """Join a room. Returns up to `limit` of its members' distinct user ids (all with
         None; this one's included) and their number (`.total`). A big room's member list
-        is a sample: ask for a `limit` wherever the room may be large."""
+        is a sample: ask for a `limit` wherever the room may be large.
+
+        Raises:
+            PermissionDenied: `auth.rooms` keeps the room from this connection's role.
+        """
 
     async def leave(self, room: str, *, limit: int | None = None) -> Members:
         """Leave a room. Returns up to `limit` of the remaining members' distinct user
@@ -225,6 +254,8 @@ class App:
         self.departed_handler: DepartedHandler | None = None
         self.task_result_handler: TaskResultHandler | None = None
         self.settings_check: Callable[[dict[str, Any]], None] | None = None
+        self.roles: dict[str, tuple[str, ...]] = {}
+        """Message type -> the roles its handler allows (`on(..., roles=...)`)."""
 
     def on_open(self, handler: OpenHandler) -> OpenHandler:
         """Run after a client connected and its state is in Redis."""
@@ -270,11 +301,18 @@ class App:
         self.settings_check = check
         return check
 
-    def on(self, message_type: str) -> Callable[[_F], _F]:
-        """Handle JSON text messages whose `type` is `message_type`."""
+    def on(self, message_type: str, *, roles: Iterable[str] | None = None) -> Callable[[_F], _F]:
+        """Handle JSON text messages whose `type` is `message_type`.
+
+        With `roles`, only connections of those roles may send it; others get
+        `{"type": "error", "message": "Permission denied"}` and the handler does not run.
+        `auth.roles` in the configuration overrides this per role.
+        """
 
         def register(handler: _F) -> _F:
             self.handlers[message_type] = handler
+            if roles is not None:
+                self.roles[message_type] = tuple(roles)
             return handler
 
         return register

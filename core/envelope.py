@@ -13,6 +13,9 @@ second is its kind:
 - `[1, 3, task_id, name, ok, body, target]`, `TaskDone`: a task's outcome (`body`, msgpack
   of its result or error) for the connections in `target` on one worker's channel; the
   worker also wakes whatever waits for that task there.
+- `[1, 4, payload, code, reason, target]`, `Disconnect`: on one worker's channel, the
+  connections in `target` get the text message `payload`, then are closed with `code`
+  and `reason` (a kick or a ban).
 
 Nodes of different versions may share a Redis during a rolling upgrade: an envelope of
 an unknown version or kind raises `EnvelopeError`, which the receiver logs and skips.
@@ -32,6 +35,7 @@ VERSION = 1
 _MESSAGE = 1
 _DEPARTED = 2
 _TASK_DONE = 3
+_DISCONNECT = 4
 
 
 class Message(NamedTuple):
@@ -60,6 +64,16 @@ class TaskDone:
     target: list[str]
 
 
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Send `payload` to the connections in `target`, then close them with `code`."""
+
+    payload: bytes
+    code: int
+    reason: str
+    target: list[str]
+
+
 def message(payload: bytes, target: str | list[str] | None, *, text: bool = True) -> bytes:
     return msgpack.packb((VERSION, _MESSAGE, text, payload, target))
 
@@ -72,7 +86,11 @@ def task_done(task_id: str, name: str, ok: bool, body: bytes, target: list[str])
     return msgpack.packb((VERSION, _TASK_DONE, task_id, name, ok, body, target))
 
 
-def unpack(data: bytes) -> Message | Departed | TaskDone:
+def disconnect(payload: bytes, code: int, reason: str, target: list[str]) -> bytes:
+    return msgpack.packb((VERSION, _DISCONNECT, payload, code, reason, target))
+
+
+def unpack(data: bytes) -> Message | Departed | TaskDone | Disconnect:
     """Decode one envelope.
 
     Raises:
@@ -95,7 +113,11 @@ def unpack(data: bytes) -> Message | Departed | TaskDone:
         done = TaskDone(*fields[2:])
         if _is_task_done(done):
             return done
-    elif kind not in (_MESSAGE, _DEPARTED, _TASK_DONE):
+    elif kind == _DISCONNECT and len(fields) == 6:
+        gone = Disconnect(*fields[2:])
+        if _is_disconnect(gone):
+            return gone
+    elif kind not in (_MESSAGE, _DEPARTED, _TASK_DONE, _DISCONNECT):
         raise EnvelopeError(f"bus envelope of unknown kind {kind!r}")
     # A receiver must never fail on what another process published: check every type.
     raise EnvelopeError(f"malformed bus envelope of kind {kind!r}")
@@ -133,4 +155,15 @@ def _is_task_done(done: TaskDone) -> bool:
         and type(done.body) is bytes
         and type(done.target) is list
         and all(type(cid) is str for cid in done.target)
+    )
+
+
+def _is_disconnect(gone: Disconnect) -> bool:
+    return (
+        type(gone.payload) is bytes
+        and type(gone.code) is int
+        and 1000 <= gone.code < 5000
+        and type(gone.reason) is str
+        and type(gone.target) is list
+        and all(type(cid) is str for cid in gone.target)
     )

@@ -15,6 +15,7 @@ one Redis never see each other. The layout (also in docs/architecture.md):
 | `P:workers` | hash | worker id -> node id, every worker that may hold state |
 | `P:alive:<wid>` | string, TTL | the worker's heartbeat; when it expires, any node sweeps the worker's state |
 | `P:tasks` | stream | the task queue: one entry per job not yet finished (its id is the task id), consumer group `tasks` |
+| `P:ban:<uid>` | string, TTL | a banned user: JSON `{"by", "reason", "until"}`; expires with the ban |
 | `P:task:<id>` | hash, TTL | a job's `attempts` once started, then its outcome: `state` (`done`/`failed`), `body` (msgpack), `name`, `conn`, `user` |
 
 | channel | carries |
@@ -75,6 +76,9 @@ class Keys:
 
     def alive(self, wid: str) -> str:
         return f"{self.prefix}:alive:{wid}"
+
+    def ban(self, uid: str) -> str:
+        return f"{self.prefix}:ban:{uid}"
 
     def task(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"

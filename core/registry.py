@@ -224,6 +224,14 @@ class Registry:
     async def set_metadata(self, cid: str, metadata: dict[str, Any]) -> None:
         await self.redis.execute("HSET", self.keys.conn(cid), "meta", orjson.dumps(metadata))
 
+    async def ban(self, user: str, seconds: int, record: dict[str, Any]) -> None:
+        """Ban `user` for `seconds` (replacing a ban it had)."""
+        await self.redis.execute("SET", self.keys.ban(user), orjson.dumps(record), "EX", seconds)
+
+    async def unban(self, user: str) -> bool:
+        """Lift `user`'s ban. Returns whether there was one."""
+        return bool(await self.redis.execute("DEL", self.keys.ban(user)))
+
     async def user_connections(self, user: str) -> dict[str, str]:
         """Connection id -> worker id for every connection of `user`."""
         return _pairs(await self.redis.execute("HGETALL", self.keys.user(user)))

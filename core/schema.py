@@ -32,6 +32,9 @@ class CloseCode(IntEnum):
     TRY_AGAIN_LATER = 1013
     SLOW_CONSUMER = 4000
     IDLE_TIMEOUT = 4001
+    TOKEN_EXPIRED = 4002
+    KICKED = 4003
+    BANNED = 4004
 
 
 class Reconnect(Enum):
@@ -69,6 +72,9 @@ ADVICE: dict[CloseCode, Advice] = {
     CloseCode.TRY_AGAIN_LATER: Advice("redis unavailable", Reconnect.BACKOFF, resync=True),
     CloseCode.SLOW_CONSUMER: Advice("slow consumer", Reconnect.BACKOFF, resync=True),
     CloseCode.IDLE_TIMEOUT: Advice("idle timeout", Reconnect.BACKOFF, resync=True),
+    CloseCode.TOKEN_EXPIRED: Advice("token expired", Reconnect.NEVER, resync=True),
+    CloseCode.KICKED: Advice("kicked", Reconnect.NEVER, resync=True),
+    CloseCode.BANNED: Advice("banned", Reconnect.NEVER, resync=True),
 }
 """Every code shoal sends, with the reason text it sends and the client's next step."""
 
@@ -144,6 +150,40 @@ class ClientPresence(_ClientPresence, total=False):
     room: str
 
 
+class _ClientKickUser(TypedDict):
+    type: Literal["kick_user"]
+    user_id: str
+
+
+class ClientKickUser(_ClientKickUser, total=False):
+    reason: str
+
+
+class _ClientBanUser(TypedDict):
+    type: Literal["ban_user"]
+    user_id: str
+    duration: int
+
+
+class ClientBanUser(_ClientBanUser, total=False):
+    reason: str
+
+
+class ClientUnbanUser(TypedDict):
+    type: Literal["unban_user"]
+    user_id: str
+
+
+class ClientAdminBroadcast(TypedDict):
+    type: Literal["admin_broadcast"]
+    message: Any
+
+
+class ClientRefresh(TypedDict):
+    type: Literal["refresh"]
+    token: str
+
+
 # Server -> client messages of the chat application
 
 
@@ -151,6 +191,58 @@ class Welcome(TypedDict):
     type: Literal["welcome"]
     user_id: str
     connection_id: str
+
+
+class Authenticated(TypedDict):
+    """The first message of a connection that presented a valid token (not `welcome`)."""
+
+    type: Literal["authenticated"]
+    user_id: str
+    role: str
+    connection_id: str
+
+
+class Refreshed(TypedDict):
+    type: Literal["refreshed"]
+    expires_at: int
+
+
+class Kicked(TypedDict):
+    type: Literal["kicked"]
+    by: str
+    reason: str
+
+
+class Banned(TypedDict):
+    type: Literal["banned"]
+    by: str
+    reason: str
+    until: int
+
+
+class UserKicked(TypedDict):
+    type: Literal["user_kicked"]
+    user_id: str
+    connections: int
+
+
+class UserBanned(TypedDict):
+    type: Literal["user_banned"]
+    user_id: str
+    until: int
+    connections: int
+
+
+class UserUnbanned(TypedDict):
+    type: Literal["user_unbanned"]
+    user_id: str
+    was_banned: bool
+
+
+class AdminBroadcast(TypedDict):
+    type: Literal["admin_broadcast"]
+    message: Any
+    timestamp: int
 
 
 class UserConnected(TypedDict):
@@ -328,9 +420,22 @@ ClientMessage = (
     | ClientPresence
     | ClientTask
     | ClientTaskStatus
+    | ClientKickUser
+    | ClientBanUser
+    | ClientUnbanUser
+    | ClientAdminBroadcast
+    | ClientRefresh
 )
 ServerMessage = (
     Welcome
+    | Authenticated
+    | Refreshed
+    | Kicked
+    | Banned
+    | UserKicked
+    | UserBanned
+    | UserUnbanned
+    | AdminBroadcast
     | UserConnected
     | UserDisconnected
     | Broadcast
@@ -367,9 +472,22 @@ CLIENT_TYPES: dict[str, type[Any]] = {
     "presence": ClientPresence,
     "task": ClientTask,
     "task_status": ClientTaskStatus,
+    "kick_user": ClientKickUser,
+    "ban_user": ClientBanUser,
+    "unban_user": ClientUnbanUser,
+    "admin_broadcast": ClientAdminBroadcast,
+    "refresh": ClientRefresh,
 }
 SERVER_TYPES: dict[str, type[Any]] = {
     "welcome": Welcome,
+    "authenticated": Authenticated,
+    "refreshed": Refreshed,
+    "kicked": Kicked,
+    "banned": Banned,
+    "user_kicked": UserKicked,
+    "user_banned": UserBanned,
+    "user_unbanned": UserUnbanned,
+    "admin_broadcast": AdminBroadcast,
     "user_connected": UserConnected,
     "user_disconnected": UserDisconnected,
     "broadcast": Broadcast,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 from collections.abc import Mapping
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.protocol import OPEN
 
 from shoal.core import protocol
+from shoal.core.auth import Identity, PermissionDenied
 from shoal.core.errors import ProtocolError
 from shoal.core.keys import TopicKind
 from shoal.core.metrics import BINARY, TEXT, counters
@@ -34,7 +36,9 @@ class Connection:
         metadata: what `set_metadata()` merged in; visible in presence.
         rooms, channels: names this connection is in.
         hub: the worker's hub, for cluster-wide operations (broadcast, presence, ...).
-        request_path: the path and query of the opening handshake.
+        request_path: the path and query of the opening handshake (a `token`
+            parameter's value reads `***`).
+        identity: who the client is, decided at its handshake (`refresh` renews it).
     """
 
     __slots__ = (
@@ -44,8 +48,10 @@ class Connection:
         "closing",
         "connected_at",
         "deflate",
+        "expiry",
         "hub",
         "id",
+        "identity",
         "inbox",
         "metadata",
         "protocol",
@@ -59,7 +65,7 @@ class Connection:
     def __init__(
         self,
         cid: str,
-        user_id: str,
+        identity: Identity,
         ws: WebSocket,
         hub: Hub,
         *,
@@ -67,7 +73,10 @@ class Connection:
         request_path: str,
     ) -> None:
         self.id = cid
-        self.user_id = user_id
+        self.user_id = identity.user_id
+        self.identity = identity
+        # Closes the connection when its token expires (`Sessions.identified()`).
+        self.expiry: asyncio.TimerHandle | None = None
         self.ws = ws
         # The hot path reads these two directly: one attribute each, per write.
         self.protocol = ws.protocol
@@ -183,6 +192,8 @@ class Connection:
     async def join(self, room: str, *, limit: int | None = None) -> Members:
         """Join a room. Returns up to `limit` of its members' distinct user ids (all with
         None; this one's included), and their number (`.total`)."""
+        if not self.hub.policy.may_join(self.identity.role, room):
+            raise PermissionDenied
         return await self.hub.join(self, TopicKind.ROOM, room, limit)
 
     async def leave(self, room: str, *, limit: int | None = None) -> Members:

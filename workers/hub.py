@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.core import app, envelope, protocol
+from shoal.core.auth import OPEN_POLICY, Policy
 from shoal.core.bus import Bus
 from shoal.core.errors import EnvelopeError, ProtocolError
 from shoal.core.keys import Keys, TopicKind
@@ -54,6 +55,7 @@ class Hub:
         buffer_limit: int,
         close_timeout: float,
         max_metadata_bytes: int,
+        policy: Policy = OPEN_POLICY,
     ) -> None:
         self.keys = keys
         self.registry = registry
@@ -62,6 +64,8 @@ class Hub:
         self.buffer_limit = buffer_limit
         self.close_timeout = close_timeout
         self.max_metadata_bytes = max_metadata_bytes
+        self.policy = policy
+        """What each role may do (`auth.*`)."""
         self.worker_id = registry.worker_id
         self.node_id = registry.node_id
         self.worker_channel = keys.bus_worker(self.worker_id)
@@ -233,6 +237,41 @@ class Hub:
             self.bus.post(self.keys.bus_worker(wid), envelope.message(payload, cids))
         return len(connections)
 
+    async def disconnect_user(
+        self, user_id: str, message: Mapping[str, Any], code: int, reason: str
+    ) -> int:
+        """Send `message` to every connection of `user_id`, on any worker or node, then
+        close each with `code` and `reason`. Returns how many it had (0: none)."""
+        connections = await self.registry.user_connections(user_id)
+        payload = protocol.encode(message)
+        by_worker: dict[str, list[str]] = {}
+        for cid, wid in connections.items():
+            by_worker.setdefault(wid, []).append(cid)
+        mine = by_worker.pop(self.worker_id, None)
+        if mine:
+            self._disconnect(mine, payload, code, reason)
+        for wid, cids in by_worker.items():
+            data = envelope.disconnect(payload, code, reason, cids)
+            self.bus.post(self.keys.bus_worker(wid), data)
+        return len(connections)
+
+    def _disconnect(self, cids: list[str], payload: bytes, code: int, reason: str) -> None:
+        wire = protocol.frame(payload)
+        for cid in cids:
+            conn = self.local.get(cid)
+            if conn is not None and not conn.closing:
+                conn.push(wire, payload, True)
+                counters.deliveries += 1
+                conn.close_soon(code, reason)
+
+    async def ban(self, user_id: str, seconds: int, record: dict[str, Any]) -> None:
+        """Refuse `user_id`'s handshakes with 403 for `seconds`, across the deployment."""
+        await self.registry.ban(user_id, seconds, record)
+
+    async def unban(self, user_id: str) -> bool:
+        """Lift `user_id`'s ban. Returns whether there was one."""
+        return await self.registry.unban(user_id)
+
     async def _publish(
         self, channel: bytes, payload: bytes, exclude: app.Connection | None
     ) -> None:
@@ -257,6 +296,8 @@ class Hub:
             self.on_departed(routed.departed)
         if routed.tasks:
             self.tasks.done(routed.tasks)
+        for gone in routed.disconnects:
+            self._disconnect(gone.target, gone.payload, gone.code, gone.reason)
         if routed.rejected:
             self._skipped += routed.rejected
             now = asyncio.get_running_loop().time()
@@ -300,6 +341,8 @@ class Routed:
     """Users whose connections went without on_close, with their rooms."""
     tasks: list[envelope.TaskDone] = field(default_factory=list)
     """Outcomes of tasks, on this worker's channel."""
+    disconnects: list[envelope.Disconnect] = field(default_factory=list)
+    """Kicks and bans of local connections, on this worker's channel."""
     rejected: int = 0
     rejected_example: str = ""
     deliveries: int = 0
@@ -335,6 +378,8 @@ def route(
                 routed.departed += item.users
             elif isinstance(item, envelope.TaskDone) and channel == worker_channel:
                 routed.tasks.append(item)
+            elif isinstance(item, envelope.Disconnect) and channel == worker_channel:
+                routed.disconnects.append(item)
             continue
         text, payload, target = item
         wire = protocol.frame(payload, text=text)

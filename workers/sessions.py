@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import http
 import logging
-import re
-import secrets
 import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any
-from urllib.parse import parse_qs
 
 from websockets.http11 import Request, Response
 
 from shoal.core import app as app_api
-from shoal.core import protocol
+from shoal.core import auth, protocol
+from shoal.core.auth import Identity, PermissionDenied, Unauthorized
 from shoal.core.errors import ProtocolError, ServiceUnavailable
 from shoal.core.jobs import Outcome
 from shoal.core.metrics import BINARY, FRAME_ERRORS, OTHER, TEXT, counters
@@ -32,31 +31,17 @@ from shoal.core.schema import ADVICE, CloseCode
 from shoal.workers import eager
 from shoal.workers.admission import Admission
 from shoal.workers.connection import Connection
+from shoal.workers.gate import Gate, refuse, seconds_until
 from shoal.workers.http import Route
 from shoal.workers.hub import Hub
 from shoal.workers.keeper import Departures, Keeper
-from shoal.workers.transport import WebSocket
+from shoal.workers.transport import DEFER, Deferred, WebSocket
 
 logger = logging.getLogger(__name__)
 
-_USER_ID = re.compile(r"[\w.@:+-]{1,128}")
 _INBOX_HIGH = 64
 _INBOX_LOW = 16
 _CLOSED = object()  # the inbox's last item: the connection is gone
-
-
-def user_from(path: str) -> str | None:
-    """The `user_id` query parameter of the handshake, if any.
-
-    Raises:
-        ProtocolError: it is present but not 1-128 word characters (or `.@:+-`).
-    """
-    values = parse_qs(path.partition("?")[2]).get("user_id")
-    if not values:
-        return None
-    if not _USER_ID.fullmatch(values[0]):
-        raise ProtocolError("Invalid user_id")
-    return values[0]
 
 
 class Sessions:
@@ -69,6 +54,7 @@ class Sessions:
         keeper: its state-keeping, for removals that failed.
         admission: its connection count.
         router: answers plain HTTP and refuses handshakes (`shoal.workers.http`).
+        gate: who may connect (tokens, bans).
         log_connections: log a line when each connection opens and closes
             (`log.connections`).
     """
@@ -81,6 +67,7 @@ class Sessions:
         keeper: Keeper,
         admission: Admission,
         router: Route,
+        gate: Gate,
         *,
         log_connections: bool = True,
     ) -> None:
@@ -92,6 +79,8 @@ class Sessions:
         self.keeper = keeper
         self.admission = admission
         self.router = router
+        self.gate = gate
+        self.policy = hub.policy
         self.log_connections = log_connections
         self.loop = asyncio.get_running_loop()
         # Connections whose opening handshake completed, with their Connection (None
@@ -109,32 +98,81 @@ class Sessions:
     def made(self, ws: WebSocket) -> None:
         self.handshaking.add(ws)
 
-    def route(self, ws: WebSocket, request: Request) -> Response | None:
-        return self.router(ws, request)
+    def route(self, ws: WebSocket, request: Request) -> Response | Deferred | None:
+        response = self.router(ws, request)
+        if response is not None or not ws.admitted:  # answered, or not an upgrade
+            return response
+        gate = self.gate
+        try:
+            identity = gate.identify(request)
+        except Unauthorized as exc:
+            counters.handshakes_refused["unauthorized"] += 1
+            body = {"error": "unauthorized", "reason": str(exc)}
+            return refuse(ws, http.HTTPStatus.UNAUTHORIZED, body, WWW_Authenticate="Bearer")
+        except ProtocolError as exc:
+            counters.handshakes_refused["invalid"] += 1
+            return refuse(ws, http.HTTPStatus.BAD_REQUEST, {"error": "bad request",
+                                                             "reason": str(exc)})  # fmt: skip
+        except ServiceUnavailable as exc:
+            return self._unavailable(ws, str(exc))
+        ws.identity = identity
+        commands = gate.checks(identity)
+        if not commands:
+            return None
+        try:
+            checked = self.hub.registry.redis.submit(commands)
+        except ServiceUnavailable:
+            return self._unavailable(ws, "redis unavailable")
+        self.registering.add(checked)
+        checked.add_done_callback(functools.partial(self._checked, ws))
+        return DEFER
+
+    def _checked(self, ws: WebSocket, checked: asyncio.Future[list[Any]]) -> None:
+        """The Redis checks of a deferred handshake came back: accept or refuse it."""
+        self.registering.discard(checked)
+        if checked.cancelled() or checked.exception() is not None:
+            ws.respond(self._unavailable(ws, "redis unavailable"))
+            return
+        refusal = self.gate.refusal(checked.result())
+        if refusal is None:
+            ws.respond(None)
+            return
+        status, body = refusal
+        counters.handshakes_refused["banned"] += 1
+        ws.respond(refuse(ws, status, body, Retry_After=seconds_until(body["until"])))
+
+    @staticmethod
+    def _unavailable(ws: WebSocket, reason: str) -> Response:
+        counters.handshakes_refused["unavailable"] += 1
+        body = {"error": "unavailable", "reason": reason}
+        return refuse(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, body, Retry_After="1")
 
     def opened(self, ws: WebSocket, request: Request) -> None:
         self.handshaking.discard(ws)
         self.open[ws] = None
         counters.connections_opened += 1
-        try:
-            user = user_from(request.path) or f"u-{secrets.token_hex(6)}"
-        except ProtocolError as exc:
-            counters.protocol_errors["message"] += 1
-            ws.close(CloseCode.POLICY_VIOLATION, str(exc))
-            return
+        identity: Identity = ws.identity
+        ws.identity = None
         self.sequence += 1
         conn = Connection(
             f"{self.worker_id}.{self.sequence}",
-            user,
+            identity,
             ws,
             self.hub,
             connected_at=int(time.time() * 1000),
-            request_path=request.path,
+            request_path=auth.without_token(request.path),
         )
         ws.session = self.open[ws] = conn
+        self._expire(conn)
         if self.log_connections:
             # Never the request's path: its query string may carry a token.
-            logger.info("connection opened: id=%s user=%s address=%s", conn.id, user, conn.address)
+            logger.info(
+                "connection opened: id=%s user=%s role=%s address=%s",
+                conn.id,
+                conn.user_id,
+                identity.role,
+                conn.address,
+            )
         # The 101 leaves once the connection's state is in Redis, in one send() with
         # whatever `on_open` sends before it first waits (the welcome).
         ws.cork()
@@ -146,6 +184,21 @@ class Sessions:
             return
         self.registering.add(registration)
         registration.add_done_callback(functools.partial(self._registered, conn))
+
+    def _expire(self, conn: Connection) -> None:
+        """Close `conn` with 4002 when its token expires (after `auth.jwt.leeway`)."""
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+        expires_at = conn.identity.expires_at
+        if expires_at is not None:
+            delay = max(0.0, expires_at + self.gate.leeway - time.time())
+            conn.expiry = self.loop.call_later(delay, self._expired, conn)
+
+    @staticmethod
+    def _expired(conn: Connection) -> None:
+        conn.expiry = None
+        conn.close_soon(CloseCode.TOKEN_EXPIRED, ADVICE[CloseCode.TOKEN_EXPIRED].reason)
 
     def received(self, ws: WebSocket, data: str | bytes) -> None:
         conn: Connection | None = ws.session
@@ -167,6 +220,9 @@ class Sessions:
         conn: Connection | None = ws.session
         if conn is None:
             return
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
         # What the client sent before it went is still handled, then the state removed.
         if conn.busy:
             conn.hold(_CLOSED)
@@ -302,9 +358,18 @@ class Sessions:
                 # Not try/except KeyError: raising costs more than the message's echo
                 # for applications whose types the chat schema does not know.
                 received[kind if kind in received else OTHER] += 1
-                handler = app.handlers.get(kind, app.default_handler)
+                handler = app.handlers.get(kind)
                 if handler is None:
-                    raise ProtocolError("Unknown message type")
+                    if kind == "refresh":  # unless the application handles it itself
+                        await self._refresh(conn, message)
+                        return
+                    handler = app.default_handler
+                    if handler is None:
+                        raise ProtocolError("Unknown message type")
+                if self.policy.restricts_messages and not self.policy.may_send(
+                    conn.identity.role, kind
+                ):
+                    raise PermissionDenied
                 await handler(conn, message)
         except ServiceUnavailable:
             # Whatever Redis said stays in the log; the client learns it may retry.
@@ -315,6 +380,25 @@ class Sessions:
         except Exception:
             logger.exception("handler failed on connection %s", conn.id)
             await conn.send({"type": "error", "message": "Internal error"})
+
+    async def _refresh(self, conn: Connection, message: dict[str, Any]) -> None:
+        """`{"type": "refresh", "token": T}`: a new token for the same user pushes the
+        connection's expiry back (and may change its role)."""
+        if not self.gate.enabled:
+            raise ProtocolError("Authentication is off")
+        token = message.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("Invalid token")
+        try:
+            identity = self.gate.verify(token)
+        except Unauthorized as exc:
+            raise ProtocolError(f"Invalid token: {exc}") from None
+        if identity.user_id != conn.user_id:
+            raise ProtocolError("Token is for another user")
+        conn.identity = identity
+        self._expire(conn)
+        assert identity.expires_at is not None
+        await conn.send({"type": "refreshed", "expires_at": int(identity.expires_at)})
 
     async def _forget(self, conn: Connection) -> None:
         """Run `on_close`, then remove the connection's state.

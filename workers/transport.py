@@ -43,14 +43,24 @@ _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
 
+class Deferred:
+    """The type of `DEFER`: a handshake decided later (`WebSocket.respond()`)."""
+
+    __slots__ = ()
+
+
+DEFER = Deferred()
+
+
 class Handlers(Protocol):
     """What the worker does for each connection (`shoal.workers.worker.Worker`)."""
 
     def made(self, ws: WebSocket) -> None:
         """A TCP connection was accepted; its handshake is to come."""
 
-    def route(self, ws: WebSocket, request: Request) -> Response | None:
-        """Answer a plain HTTP request or refuse a handshake; None to accept it."""
+    def route(self, ws: WebSocket, request: Request) -> Response | Deferred | None:
+        """Answer a plain HTTP request or refuse a handshake; None to accept it; `DEFER`
+        to decide later, with `ws.respond()` (reading from the client pauses meanwhile)."""
 
     def opened(self, ws: WebSocket, request: Request) -> None:
         """The opening handshake of `request` completed (the 101 is sent or corked).
@@ -80,6 +90,8 @@ class Settings:
     extensions: list[ServerExtensionFactory] = field(default_factory=list)
     origins: list[str | None] | None = None
     """Acceptable `Origin` headers (None: a request without one); None: any."""
+    select_subprotocol: Callable[[Sequence[str]], str | None] | None = None
+    """Picks the `Sec-WebSocket-Protocol` to answer from the client's offers."""
 
     @classmethod
     def make(
@@ -91,6 +103,7 @@ class Settings:
         compression: bool,
         *,
         allowed_origins: Sequence[str] | None = None,
+        select_subprotocol: Callable[[Sequence[str]], str | None] | None = None,
     ) -> Settings:
         """Settings from the config's values.
 
@@ -104,7 +117,14 @@ class Settings:
         if allowed_origins is not None:
             origins = [*allowed_origins, None]
         return cls(
-            max_size, max_buffer, open_timeout, close_timeout, compression, extensions, origins
+            max_size,
+            max_buffer,
+            open_timeout,
+            close_timeout,
+            compression,
+            extensions,
+            origins,
+            select_subprotocol,
         )
 
 
@@ -139,6 +159,7 @@ class WebSocket(asyncio.Protocol):
     __slots__ = (
         "_corked",
         "_decoder",
+        "_deferred",
         "_failed",
         "_fast",
         "_fragments",
@@ -147,6 +168,7 @@ class WebSocket(asyncio.Protocol):
         "_timer",
         "admitted",
         "handlers",
+        "identity",
         "last_seen",
         "loop",
         "pending",
@@ -161,15 +183,23 @@ class WebSocket(asyncio.Protocol):
         self.handlers = handlers
         self.settings = settings
         self.loop = asyncio.get_running_loop()
+        select = settings.select_subprotocol
         self.protocol: ServerProtocol = _ServerProtocol(
             origins=settings.origins,  # type: ignore[arg-type]  # str is websockets' Origin
             extensions=settings.extensions or None,
+            select_subprotocol=None if select is None else lambda _, offered: select(offered),  # type: ignore[arg-type,return-value]
             max_size=settings.max_size,
             logger=_QUIET,
         )
         self.transport: asyncio.Transport | None = None
         self.session: Any = None
+        self.identity: Any = None
+        """Who the client is, from its handshake until the worker makes its session."""
         self.admitted = False
+        # A handshake decided later (`respond()`): [its request, the events that followed
+        # it in the same read (frames a client should not have sent yet), whether the
+        # read ended with the request (see `_received`)].
+        self._deferred: list[Any] | None = None
         # The close frame waits while replies to what came before it go out.
         self.replying = False
         self.pending: list[bytes] | None = None
@@ -252,17 +282,17 @@ class WebSocket(asyncio.Protocol):
             # Pongs first, as websockets' own connections do.
             self._send_data()
             self._deliver(events)
-            if opening and protocol.state is OPEN:
+            if opening and (protocol.state is OPEN or self._deferred is not None):
                 # The fast path needs websockets' parser between frames: it is if the
                 # request ended where this read ends, as when a client waits for the 101
                 # (RFC 6455, 4.1). The request ends at its first blank line, which cannot
                 # have begun in an earlier read when this one starts with "GET ".
                 # Otherwise websockets parses everything, as it does with compression.
-                self._fast = (
-                    not protocol.extensions
-                    and data[:4] == b"GET "
-                    and data.find(b"\r\n\r\n") == len(data) - 4
-                )
+                whole = data[:4] == b"GET " and data.find(b"\r\n\r\n") == len(data) - 4
+                if self._deferred is not None:
+                    self._deferred[2] = whole
+                else:
+                    self._fast = whole and not protocol.extensions
             return
         # A close frame is queued (the client's, or a bad frame after good ones): the
         # replies to the messages before it must precede it on the wire. Those whose
@@ -287,7 +317,9 @@ class WebSocket(asyncio.Protocol):
         for event in events:
             if self._failed:  # invalid UTF-8: what followed it is discarded, as websockets does
                 return
-            if type(event) is Frame:
+            if self._deferred is not None:
+                self._deferred[1].append(event)
+            elif type(event) is Frame:
                 self._frame(event)
             else:
                 self._handshake(cast(Request, event))
@@ -436,9 +468,41 @@ class WebSocket(asyncio.Protocol):
             self.transport.abort()
 
     def _handshake(self, request: Request) -> None:
+        response = self.handlers.route(self, request)
+        if response is DEFER:
+            self._deferred = [request, [], False]
+            self.pause_reading()
+            return
+        self._answer(request, response)  # type: ignore[arg-type]  # not DEFER
+
+    def respond(self, response: Response | None) -> None:
+        """Answer the handshake `route()` deferred: `response` refuses it, None accepts it.
+
+        What the client sent after its request is then handled, and reading resumes.
+        """
+        deferred, self._deferred = self._deferred, None
+        if deferred is None or self.transport is None:
+            return
+        request, early, whole = deferred
+        if self.pending is None:  # outside a read: what follows goes out in one send()
+            self.pending = []
+            try:
+                self._answer(request, response)
+                self._deliver(early)
+            finally:
+                if not self._corked:
+                    pending, self.pending = self.pending, None
+                    self._write_out(pending)
+        else:
+            self._answer(request, response)
+            self._deliver(early)
+        protocol = self.protocol
+        self._fast = protocol.state is OPEN and whole and not early and not protocol.extensions
+        self.resume_reading()
+
+    def _answer(self, request: Request, response: Response | None) -> None:
         protocol = self.protocol
         handlers = self.handlers
-        response = handlers.route(self, request)
         if response is None:
             response = protocol.accept(request)
         protocol.send_response(response)
@@ -550,4 +614,4 @@ def factory(handlers: Handlers, settings: Settings) -> Callable[[], WebSocket]:
     return make
 
 
-__all__ = ["CLOSED", "Handlers", "Settings", "WebSocket", "factory"]
+__all__ = ["CLOSED", "DEFER", "Deferred", "Handlers", "Settings", "WebSocket", "factory"]

@@ -39,9 +39,11 @@ from typing import Any
 
 import uvloop
 
+from shoal.config.model import AuthConfig
 from shoal.core import app as app_api
 from shoal.core import loops, metrics, protocol
 from shoal.core import task as task_api
+from shoal.core.auth import Policy, RoomRule, select_subprotocol
 from shoal.core.backoff import full_jitter
 from shoal.core.bus import Bus
 from shoal.core.errors import BootError, ConfigError, ServiceUnavailable
@@ -50,7 +52,7 @@ from shoal.core.placement import Placement as ChildPlacement
 from shoal.core.registry import Registry, connect
 from shoal.core.resp import RedisAddress, Timeouts
 from shoal.core.schema import ADVICE, CloseCode
-from shoal.workers import exposition, http, tls, transport
+from shoal.workers import exposition, gate, http, tls, transport
 from shoal.workers.admission import Admission
 from shoal.workers.dispatcher import Tasks
 from shoal.workers.hub import Hub
@@ -75,6 +77,20 @@ class Placement(ChildPlacement):
 
     slot: int
     listeners: tuple[socket.socket, ...]
+
+
+def policy(app: app_api.App, config: AuthConfig) -> Policy:
+    """What each role may do: the application's declared roles, then `auth.*`.
+
+    With authentication off, every connection is a `user`: `presence` of the whole
+    deployment stays open to it, as before authentication existed.
+    """
+    return Policy(
+        app.roles,
+        config.roles,
+        [RoomRule(rule.pattern, frozenset(rule.roles)) for rule in config.rooms],
+        config.presence_all if config.enabled else None,
+    )
 
 
 class Worker:
@@ -125,7 +141,9 @@ class Worker:
             buffer_limit=config.server.buffer_output_size,
             close_timeout=config.server.close_timeout,
             max_metadata_bytes=config.limits.max_metadata_bytes,
+            policy=policy(self.app, config.auth),
         )
+        self.gate = gate.Gate(config.auth, keys, gate.verifier(config.auth))
         self.keeper = Keeper(
             self.hub, config.redis, self._tell, self.scoreboard.redis_up_everywhere
         )
@@ -142,6 +160,7 @@ class Worker:
                 config.server.metrics_path,
                 exposition.page(self.scoreboard, self.seat),
             ),
+            self.gate,
             log_connections=config.log.connections,
         )
         self.hub.on_departed = self.sessions.departed
@@ -167,6 +186,8 @@ class Worker:
             if config.server.heartbeat_check_interval:
                 background.append(asyncio.create_task(self._keepalive(), name="keepalive"))
             background.append(asyncio.create_task(self._progress(), name="progress"))
+            if not self.gate.keys_loaded:  # a JWKS to fetch, and to refresh
+                background.append(asyncio.create_task(self.gate.keep_keys(), name="jwks"))
             if await loops.until_stopped(self.stopping, background, f"worker {self.id}"):
                 # The master says how clients should take it: 1001 for a stop, 1012 when
                 # this worker is replaced.
@@ -235,6 +256,7 @@ class Worker:
             close_timeout=server.close_timeout,
             compression=server.websocket_compression,
             allowed_origins=server.allowed_origins,
+            select_subprotocol=select_subprotocol,
         )
         self.factory = transport.factory(self.sessions, settings)
         loop = asyncio.get_running_loop()

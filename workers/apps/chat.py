@@ -19,8 +19,9 @@ import time
 from typing import Any
 
 from shoal.core import protocol, schema
-from shoal.core.app import App, Connection, Hub, TopicKind
+from shoal.core.app import App, Connection, Hub, PermissionDenied, TopicKind
 from shoal.core.errors import ConfigError, ProtocolError
+from shoal.core.schema import ADVICE, CloseCode
 
 app = App()
 
@@ -53,11 +54,16 @@ def _limit(key: str) -> int:
 
 @app.on_open
 async def welcome(conn: Connection) -> None:
-    greeting: schema.Welcome = {
-        "type": "welcome",
-        "user_id": conn.user_id,
-        "connection_id": conn.id,
-    }
+    greeting: schema.Welcome | schema.Authenticated
+    if conn.identity.authenticated:
+        greeting = {
+            "type": "authenticated",
+            "user_id": conn.user_id,
+            "role": conn.identity.role,
+            "connection_id": conn.id,
+        }
+    else:
+        greeting = {"type": "welcome", "user_id": conn.user_id, "connection_id": conn.id}
     await conn.send(greeting)
     if _announce():
         total = await conn.hub.total_users()
@@ -231,6 +237,9 @@ async def set_metadata(conn: Connection, message: dict[str, Any]) -> None:
 @app.on("presence")
 async def presence(conn: Connection, message: dict[str, Any]) -> None:
     room = protocol.name_field(message, "room") if "room" in message else None
+    policy, role = conn.hub.policy, conn.identity.role
+    if not (policy.may_join(role, room) if room is not None else policy.may_list_everyone(role)):
+        raise PermissionDenied
     reply: schema.Presence = {"type": "presence", "users": await conn.hub.presence(room)}
     if room is not None:
         reply["room"] = room
@@ -255,6 +264,68 @@ async def task_status(conn: Connection, message: dict[str, Any]) -> None:
         raise ProtocolError("Invalid task_id")
     status = await conn.hub.tasks.status(task_id, user=conn.user_id)
     await conn.send(status.client_message())
+
+
+# Moderation (docs/security.md). Roles as in the guide this protocol follows; `auth.roles`
+# in the configuration overrides them.
+MODERATORS = ("moderator", "admin")
+ADMINS = ("admin",)
+MAX_BAN = 366 * 24 * 3600
+
+
+def _reason(message: dict[str, Any]) -> str:
+    reason = message.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > 256:
+        raise ProtocolError("Invalid reason: text of at most 256 characters")
+    return reason
+
+
+@app.on("kick_user", roles=MODERATORS)
+async def kick_user(conn: Connection, message: dict[str, Any]) -> None:
+    user = protocol.name_field(message, "user_id")
+    kicked: schema.Kicked = {"type": "kicked", "by": conn.user_id, "reason": _reason(message)}
+    code = CloseCode.KICKED
+    count = await conn.hub.disconnect_user(user, kicked, code, ADVICE[code].reason)
+    if not count:
+        raise ProtocolError("User not found")
+    reply: schema.UserKicked = {"type": "user_kicked", "user_id": user, "connections": count}
+    await conn.send(reply)
+
+
+@app.on("ban_user", roles=ADMINS)
+async def ban_user(conn: Connection, message: dict[str, Any]) -> None:
+    user = protocol.name_field(message, "user_id")
+    duration = protocol.field(message, "duration")
+    if type(duration) is not int or not 0 < duration <= MAX_BAN:
+        raise ProtocolError(f"Invalid duration: whole seconds from 1 to {MAX_BAN}")
+    reason = _reason(message)
+    until = int(time.time()) + duration
+    await conn.hub.ban(user, duration, {"by": conn.user_id, "reason": reason, "until": until})
+    banned: schema.Banned = {"type": "banned", "by": conn.user_id, "reason": reason,
+                             "until": until}  # fmt: skip
+    code = CloseCode.BANNED
+    count = await conn.hub.disconnect_user(user, banned, code, ADVICE[code].reason)
+    reply: schema.UserBanned = {"type": "user_banned", "user_id": user, "until": until,
+                                "connections": count}  # fmt: skip
+    await conn.send(reply)
+
+
+@app.on("unban_user", roles=ADMINS)
+async def unban_user(conn: Connection, message: dict[str, Any]) -> None:
+    user = protocol.name_field(message, "user_id")
+    reply: schema.UserUnbanned = {"type": "user_unbanned", "user_id": user,
+                                  "was_banned": await conn.hub.unban(user)}  # fmt: skip
+    await conn.send(reply)
+
+
+@app.on("admin_broadcast", roles=ADMINS)
+async def admin_broadcast(conn: Connection, message: dict[str, Any]) -> None:
+    out: schema.AdminBroadcast = {
+        "type": "admin_broadcast",
+        "message": protocol.field(message, "message"),
+        "timestamp": _now(),
+    }
+    await conn.hub.broadcast(out)
 
 
 @app.on_unknown
