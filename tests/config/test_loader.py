@@ -87,6 +87,22 @@ def test_app_settings_are_kept_for_the_application(tmp_path: Path) -> None:
             "tasks:\n  smtp:\n    password_env: SHOAL_TEST_NO_SUCH_VARIABLE\n",
             "password_env: the environment has no SHOAL_TEST_NO_SUCH_VARIABLE",
         ),
+        ("auth:\n  jwt: {}\n", "auth.jwt: give exactly one of secret, secret_env"),
+        ("auth:\n  jwt: {secret: short}\n", "auth.jwt: secret: use at least 32 characters"),
+        (
+            "auth:\n  jwt: {secret: " + "s" * 32 + ", algorithms: [RS256]}\n",
+            "a secret verifies HS256/HS384/HS512 only",
+        ),
+        (
+            "auth:\n  jwt: {jwks_url: 'https://idp/jwks', secret_env: X}\n",
+            "found secret_env, jwks_url",
+        ),
+        ("auth:\n  jwt: {jwks_url: 'x', algorithms: [none]}\n", "'none' is not one of HS256"),
+        (
+            "auth:\n  jwt: {public_key_file: /nonexistent.pem, algorithms: [RS256]}\n",
+            "public_key_file: no such file",
+        ),
+        ("auth:\n  roles: {'bad role': [x]}\n", "auth.roles: 'bad role' is not a role name"),
         ("- a list\n", "the top level must be a mapping"),
         ("server: [\n", "invalid YAML"),
     ],
@@ -144,11 +160,13 @@ def test_dump_hides_passwords(tmp_path: Path, url: str, shown: str) -> None:
     """`shoal check-config` output lands in terminals and tickets: no secret in it."""
     path = write(
         tmp_path,
-        f"redis: {{url: '{url}'}}\ntasks: {{smtp: {{password: hunter2}}}}\n",
+        f"redis: {{url: '{url}'}}\ntasks: {{smtp: {{password: hunter2}}}}\n"
+        "auth: {jwt: {secret: the-jwt-secret-of-at-least-32-chars}}\n",
     )
     text = dump(load(path, environ={}))
     assert f"url: {shown}\n" in text
     assert "sekret" not in text and "hunter2" not in text
+    assert "the-jwt-secret" not in text
 
 
 def test_allowed_origins_must_be_origins(tmp_path: Path) -> None:

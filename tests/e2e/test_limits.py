@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import socket
 import struct
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from support import SCALE, Shoal, client
 
@@ -199,10 +200,11 @@ async def test_idle_client_is_closed_and_pinged_client_is_not(
         node.stop()
 
 
-async def test_invalid_user_id_is_refused_with_1008(shoal: Shoal) -> None:
-    """A user_id that is not a valid name closes the connection with 1008 and says why."""
-    async with client(shoal.url("bad%21user"), welcome=None) as bad:
-        with pytest.raises(ConnectionClosed):
-            await bad.recv()
-        assert bad.ws.close_code == 1008
-        assert bad.ws.close_reason == "Invalid user_id"
+async def test_invalid_user_id_is_refused_at_the_handshake(shoal: Shoal) -> None:
+    """A user_id that is not a valid name is refused with 400 before any frame, and says why."""
+    with pytest.raises(InvalidStatus) as refused:
+        async with client(shoal.url("bad%21user"), welcome=None):
+            pass
+    response = refused.value.response
+    assert response.status_code == 400
+    assert json.loads(response.body) == {"error": "bad request", "reason": "Invalid user_id"}

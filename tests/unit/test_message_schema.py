@@ -18,6 +18,19 @@ PROTOCOL_MD = Path(__file__).parents[2] / "docs" / "protocol.md"
 # One valid message of each server type, as the chat app sends them.
 SERVER_EXAMPLES: dict[str, dict[str, Any]] = {
     "welcome": {"type": "welcome", "user_id": "ann", "connection_id": "n1.0.42.1"},
+    "authenticated": {
+        "type": "authenticated",
+        "user_id": "ann",
+        "role": "admin",
+        "connection_id": "n1.0.42.1",
+    },
+    "refreshed": {"type": "refreshed", "expires_at": 1767225600},
+    "kicked": {"type": "kicked", "by": "mod", "reason": "spam"},
+    "banned": {"type": "banned", "by": "root", "reason": "", "until": 1767225600},
+    "user_kicked": {"type": "user_kicked", "user_id": "bo", "connections": 2},
+    "user_banned": {"type": "user_banned", "user_id": "bo", "until": 1, "connections": 0},
+    "user_unbanned": {"type": "user_unbanned", "user_id": "bo", "was_banned": False},
+    "admin_broadcast": {"type": "admin_broadcast", "message": "hi", "timestamp": 6},
     "user_connected": {"type": "user_connected", "user_id": "bo", "total_users": 2},
     "user_disconnected": {"type": "user_disconnected", "user_id": "bo", "total_users": 1},
     "broadcast": {"type": "broadcast", "from": "ann", "message": {"a": 1}, "timestamp": 1},
@@ -91,6 +104,13 @@ WRONG: dict[str, Any] = {
     "task": ["add"],
     "error": "bad",
     "state": "finished",
+    "role": 1,
+    "expires_at": "soon",
+    "by": None,
+    "reason": 3,
+    "until": 1.5,
+    "connections": "2",
+    "was_banned": "yes",
 }
 # The application's payload (`message`) and a task's result: any JSON value (but the
 # `message` of `error` is text).
