@@ -286,6 +286,8 @@ class LimitsConfig(_Section):
     """What one client may make the server keep or send on its behalf."""
 
     max_metadata_bytes: Annotated[int, Field(ge=2)] = 4096
+    max_rooms: PositiveInt = 100
+    max_channels: PositiveInt = 100
 
 
 _ALGORITHMS = (

@@ -55,6 +55,8 @@ class Hub:
         buffer_limit: int,
         close_timeout: float,
         max_metadata_bytes: int,
+        max_rooms: int = 100,
+        max_channels: int = 100,
         policy: Policy = OPEN_POLICY,
     ) -> None:
         self.keys = keys
@@ -66,6 +68,7 @@ class Hub:
         self.max_metadata_bytes = max_metadata_bytes
         self.policy = policy
         """What each role may do (`auth.*`)."""
+        self.max_topics = {TopicKind.ROOM: max_rooms, TopicKind.CHANNEL: max_channels}
         self.worker_id = registry.worker_id
         self.node_id = registry.node_id
         self.worker_channel = keys.bus_worker(self.worker_id)
@@ -143,6 +146,10 @@ class Hub:
         names = conn.rooms if kind is TopicKind.ROOM else conn.channels
         if name in names:
             return await self.registry.members(kind, name, limit)
+        most = self.max_topics[kind]
+        if len(names) >= most:
+            what = "rooms" if kind is TopicKind.ROOM else "channels"
+            raise ProtocolError(f"Too many {what}: at most {most} per connection")
         channel = self.keys.bus_topic(kind, name)
         await self.bus.subscribe(channel)
         try:

@@ -141,6 +141,8 @@ class Worker:
             buffer_limit=config.server.buffer_output_size,
             close_timeout=config.server.close_timeout,
             max_metadata_bytes=config.limits.max_metadata_bytes,
+            max_rooms=config.limits.max_rooms,
+            max_channels=config.limits.max_channels,
             policy=policy(self.app, config.auth),
         )
         self.gate = gate.Gate(config.auth, keys, gate.verifier(config.auth))

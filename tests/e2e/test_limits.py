@@ -208,3 +208,29 @@ async def test_invalid_user_id_is_refused_at_the_handshake(shoal: Shoal) -> None
     response = refused.value.response
     assert response.status_code == 400
     assert json.loads(response.body) == {"error": "bad request", "reason": "Invalid user_id"}
+
+
+async def test_rooms_and_channels_per_connection_are_bounded(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    """One connection cannot make its worker subscribe to unbounded rooms or channels."""
+    settings["limits"] = {"max_rooms": 3, "max_channels": 2}
+    node = Shoal(tmp_path, settings).start()
+    try:
+        async with client(node.url("many")) as c:
+            for n in range(3):
+                await c.request({"type": "join_room", "room": f"r{n}"}, "joined_room")
+            refused = await c.request({"type": "join_room", "room": "r3"}, "error")
+            assert refused["message"] == "Too many rooms: at most 3 per connection"
+            # Joining again a room it is in is not a new room; leaving frees a place.
+            await c.request({"type": "join_room", "room": "r0"}, "joined_room")
+            await c.request({"type": "leave_room", "room": "r0"}, "left_room")
+            await c.request({"type": "join_room", "room": "r3"}, "joined_room")
+            for n in range(2):
+                await c.request({"type": "subscribe", "channel": f"c{n}"}, "subscribed")
+            refused = await c.request({"type": "subscribe", "channel": "c2"}, "error")
+            assert refused["message"] == "Too many channels: at most 2 per connection"
+            presence = await c.request({"type": "presence"}, "presence")
+            assert presence["users"][0]["rooms"] == ["r1", "r2", "r3"]
+    finally:
+        node.stop()

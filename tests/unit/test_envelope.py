@@ -9,7 +9,7 @@ import msgpack
 import pytest
 
 from shoal.core import envelope
-from shoal.core.envelope import Departed, Message
+from shoal.core.envelope import Departed, Disconnect, Message
 from shoal.core.errors import EnvelopeError
 
 
@@ -47,6 +47,13 @@ def test_departed_round_trip() -> None:
     assert envelope.unpack(envelope.departed([])) == Departed([])
 
 
+def test_disconnect_round_trip() -> None:
+    """A kick or ban: the notice, the close code and reason, the connections."""
+    packed = envelope.disconnect(b'{"type":"kicked"}', 4003, "kicked", ["n1.0.1.7"])
+    assert envelope.unpack(packed) == Disconnect(b'{"type":"kicked"}', 4003, "kicked", ["n1.0.1.7"])
+    assert msgpack.unpackb(packed) == [1, 4, b'{"type":"kicked"}', 4003, "kicked", ["n1.0.1.7"]]
+
+
 def test_the_wire_format_is_the_documented_array() -> None:
     """`[1, 1, text, payload, target]` and `[1, 2, [[user, [room, ...]], ...]]`: other
     nodes of this version decode exactly these, so they must not drift."""
@@ -62,7 +69,7 @@ def test_unknown_version_is_refused(version: Any) -> None:
         envelope.unpack(data)
 
 
-@pytest.mark.parametrize("kind", [0, 4, "1", None])
+@pytest.mark.parametrize("kind", [0, 5, "1", None])
 def test_unknown_kind_is_refused(kind: Any) -> None:
     """A kind this version does not know is refused, not guessed at."""
     with pytest.raises(EnvelopeError, match="unknown kind"):
@@ -109,6 +116,8 @@ def test_trailing_bytes_are_refused() -> None:
         [1, 1, "yes", b"x", None],
         [1, 1, True, b"x", 5],
         [1, 2, [["ann", "lobby"]]],
+        [1, 4, b"x", 999, "kicked", ["c"]],
+        [1, 4, b"x", 4003, "kicked", "c"],
     ],
     ids=[
         "message-too-short",
@@ -121,6 +130,8 @@ def test_trailing_bytes_are_refused() -> None:
         "text-not-bool",
         "target-int",
         "rooms-a-string",
+        "close-code-out-of-range",
+        "disconnect-target-a-string",
     ],
 )
 def test_malformed_body_is_refused(body: list[Any]) -> None:
