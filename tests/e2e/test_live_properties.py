@@ -26,7 +26,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,7 @@ NAME_LIMIT = 256
 INVALID_FORMAT = "Invalid message format"
 TOO_DEEP = f"Message nested too deeply: at most {MAX_DEPTH} levels"
 TASK_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
-STEP_TIMEOUT = 5.0
+STEP_TIMEOUT = 3.0
 
 
 # The server
@@ -684,29 +684,45 @@ class Run:
             state.setdefault(f"{self.server.prefix}:users", {})[p.user] = "1"
         return state
 
-    def consistent(self) -> bool:
-        """Whether Redis holds exactly the model's state (connection hashes: the fields the
-        model knows, `meta` as JSON, and the fields every connection has)."""
+    def difference(self) -> str:
+        """How Redis differs from the model's state ("" if it does not). Connection hashes
+        are compared on the fields the model knows, `meta` as JSON, and must have the
+        fields every connection has."""
         state = self.state()
-        expected = self.expected_state()
-        if set(state) != set(expected):
-            return False
         for p in self.peers:
-            record = dict(state[self.keys("conn", p.cid)])
+            record = state.get(self.keys("conn", p.cid))
+            if record is None:
+                continue
             meta = json.loads(record.pop("meta", "{}"))
-            if meta != p.metadata or not {"node", "addr", "at"} <= set(record):
-                return False
+            if meta != p.metadata:
+                return f"{p.cid}: metadata {meta!r}, expected {p.metadata!r}"
             for known in ("node", "addr", "at"):
-                del record[known]
-            state[self.keys("conn", p.cid)] = record
-        return state == expected
+                if record.pop(known, None) is None:
+                    return f"{p.cid}: no {known}"
+        expected = self.expected_state()
+        wrong = [
+            f"{key!r}: {state.get(key)!r}, expected {expected.get(key)!r}"
+            for key in sorted(state.keys() | expected.keys())
+            if state.get(key) != expected.get(key)
+        ]
+        return "; ".join(wrong)
 
 
-async def _until(predicate: Any, what: str, timeout: float = STEP_TIMEOUT) -> None:
+async def _until(predicate: Callable[[], Any], what: str, timeout: float = STEP_TIMEOUT) -> None:
+    """Poll `predicate` until it holds; else fail naming `what`."""
     deadline = time.monotonic() + timeout * SCALE
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout * SCALE:.1f}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def _settled(describe: Callable[[], str], what: str) -> None:
+    """Poll until `describe` finds no difference; else fail with the last one it found."""
+    deadline = time.monotonic() + STEP_TIMEOUT * SCALE
+    while difference := describe():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: {difference}")
         await asyncio.sleep(0.02)
 
 
@@ -729,10 +745,8 @@ async def play(server: Server, sequence: list[Action]) -> int:
         for action in sequence:
             await run.act(action)
         await run.barrier()
-        await _until(run.consistent, "redis to hold what the clients did")
-        # Checked once more, to name the difference when it is not.
-        assert run.state().keys() == run.expected_state().keys()
-    await _until(lambda: not run.state(), "every connection, room and user key to go")
+        await _settled(run.difference, "redis does not hold what the clients did")
+    await _settled(lambda: ", ".join(map(repr, run.state())), "keys left after every client closed")
     return run.steps
 
 
