@@ -150,7 +150,15 @@ FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "presence": {"room": any_names},
     "task": {"task": texts.filter(lambda n: n not in {"process_data", "broadcast_delayed"})},
     "task_status": {"task_id": task_ids},
+    # Moderation is for moderators and admins: without authentication every connection's
+    # role is `user`, refused before any field is read.
+    "kick_user": {"user_id": st.sampled_from(USERS) | any_names, "reason": values},
+    "ban_user": {"user_id": st.sampled_from(USERS) | any_names, "duration": values},
+    "unban_user": {"user_id": st.sampled_from(USERS) | any_names},
+    "admin_broadcast": {"message": message_values},
+    "refresh": {"token": values},
 }
+MODERATION = {"kick_user", "ban_user", "unban_user", "admin_broadcast"}
 assert set(FIELDS) == set(schema.CLIENT_TYPES), "a client type the test does not send"
 
 
@@ -360,6 +368,10 @@ class Model:
     def _handle(self, who: int, sender: Peer, m: dict[str, Any]) -> Expected:
         kind = m["type"]
         others = [i for i in range(len(self.peers)) if i != who]
+        if kind in MODERATION:
+            raise Refusal("Permission denied")
+        if kind == "refresh":
+            raise Refusal("Authentication is off")
         if kind == "broadcast":
             text = _field(m, "message")
             out = {"type": "broadcast", "from": sender.user, "message": text, "timestamp": "T"}

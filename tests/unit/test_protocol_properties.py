@@ -321,6 +321,8 @@ def _field_values(hint: Any) -> st.SearchStrategy[Any]:
     """Valid values of one field of a client message, from its annotation in the schema."""
     if hint is str:
         return st.text(st.characters(codec="utf-8"), min_size=1, max_size=protocol.MAX_NAME_LENGTH)
+    if hint is int:
+        return st.integers(INT_MIN, INT_MAX)
     if getattr(hint, "__origin__", None) is dict:
         return st.dictionaries(utf8_texts, sendable_values, max_size=3)
     return sendable_values.filter(lambda value: value is not None)  # `Any`: a message
@@ -348,7 +350,7 @@ def _wrong(hint: Any) -> st.SearchStrategy[Any]:
     return sendable_values.filter(lambda value: not isinstance(value, dict))
 
 
-NAME_FIELDS = {"room", "channel", "to"}
+NAME_FIELDS = {"room", "channel", "to", "user_id"}
 
 
 @given(client_messages(), st.data())
