@@ -29,18 +29,23 @@ MAX_NAME_LENGTH = 256
 # `presence` that included it failed for everyone.
 MAX_DEPTH = 64
 TOO_DEEP = f"Message nested too deeply: at most {MAX_DEPTH} levels"
+_PARSER_DEPTH_LIMIT = "depth limit exceeded"  # orjson's error when it stops at 1024 levels
 
 
 def parse(raw: str | bytes) -> dict[str, Any]:
     """Decode one client text frame into a message object.
 
     Raises:
-        ProtocolError: not JSON, not an object, no string `type`, or nested deeper than
-            `MAX_DEPTH` levels.
+        ProtocolError: `INVALID_FORMAT` (not JSON, not an object, no string `type`) or
+            `TOO_DEEP` (nested deeper than `MAX_DEPTH` levels, however deep).
     """
     try:
         message = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        # orjson stops at 1024 levels, before it knows whether the rest is JSON: the
+        # client nested too deeply either way, which is the error it should read.
+        if exc.msg.startswith(_PARSER_DEPTH_LIMIT):
+            raise ProtocolError(TOO_DEEP) from None
         raise ProtocolError(INVALID_FORMAT) from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError(INVALID_FORMAT)

@@ -30,7 +30,10 @@ def _now() -> int:
     return protocol.timestamp(time.time())
 
 
-_TASK_ID = re.compile(r"\d{1,20}-\d{1,20}")
+# A Redis stream id: two 64-bit numbers in ASCII digits (`\d` would take any script's
+# digits). Redis refuses any other id, which the client would read as "Service unavailable".
+_TASK_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_ID_PART_LIMIT = 2**64
 _DEFAULTS = {"joined_members_limit": 100, "room_notices_limit": 100}
 
 
@@ -260,10 +263,15 @@ async def task(conn: Connection, message: dict[str, Any]) -> None:
 @app.on("task_status")
 async def task_status(conn: Connection, message: dict[str, Any]) -> None:
     task_id = protocol.field(message, "task_id")
-    if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
+    if not isinstance(task_id, str) or not _is_task_id(task_id):
         raise ProtocolError("Invalid task_id")
     status = await conn.hub.tasks.status(task_id, user=conn.user_id)
     await conn.send(status.client_message())
+
+
+def _is_task_id(text: str) -> bool:
+    match = _TASK_ID.fullmatch(text)
+    return match is not None and all(int(part) < _ID_PART_LIMIT for part in match.groups())
 
 
 # Moderation (docs/security.md). Roles as in the guide this protocol follows; `auth.roles`
