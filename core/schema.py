@@ -25,6 +25,8 @@ class CloseCode(IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    INVALID_DATA = 1007
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
@@ -65,6 +67,8 @@ class Advice:
 ADVICE: dict[CloseCode, Advice] = {
     CloseCode.NORMAL: Advice("normal closure", Reconnect.OPTIONAL, resync=True),
     CloseCode.GOING_AWAY: Advice("server shutting down", Reconnect.PROMPTLY, resync=True),
+    CloseCode.PROTOCOL_ERROR: Advice("protocol error", Reconnect.NEVER, resync=True),
+    CloseCode.INVALID_DATA: Advice("invalid data", Reconnect.NEVER, resync=True),
     CloseCode.POLICY_VIOLATION: Advice("policy violation", Reconnect.NEVER, resync=False),
     CloseCode.MESSAGE_TOO_BIG: Advice("message too big", Reconnect.BACKOFF, resync=True),
     CloseCode.INTERNAL_ERROR: Advice("internal error", Reconnect.BACKOFF, resync=True),

@@ -157,7 +157,9 @@ async def test_connections_are_logged_with_their_close_and_never_a_token(shoal: 
         lambda: f"connection closed: id={cid} " in shoal.log() and shoal.log(), 10, "the close"
     )
     assert re.search(
-        rf"INFO .* connection opened: id={re.escape(cid)} user=ann role=user address={host}:{port}\n", log
+        rf"INFO .* connection opened: id={re.escape(cid)} user=ann role=user "
+        rf"address={host}:{port}\n",
+        log,
     )
     assert re.search(
         rf"INFO .* connection closed: id={re.escape(cid)} user=ann address={host}:{port} "
