@@ -8,6 +8,7 @@ once, before forking, and workers inherit the same object.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from typing import Annotated, Any, Literal
@@ -67,6 +68,19 @@ class ServerConfig(_Section):
     max_request: NonNegativeInt = 0
     max_request_jitter: NonNegativeInt = 0
     pid_file: str | None = None
+    trusted_proxies: tuple[str, ...] = ()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{network!r} is not an IP address or network (e.g. 10.0.0.0/8, ::1)"
+                ) from None
+        return value
 
     @field_validator("path", "metrics_path")
     @classmethod
@@ -286,6 +300,9 @@ class LimitsConfig(_Section):
     """What one client may make the server keep or send on its behalf."""
 
     max_metadata_bytes: Annotated[int, Field(ge=2)] = 4096
+    # Per client address, counted in Redis across workers and nodes; 0: no limit.
+    connections_per_ip: NonNegativeInt = 0
+    connections_per_ip_per_minute: NonNegativeInt = 0
 
 
 _ALGORITHMS = (

@@ -53,6 +53,7 @@ from shoal.core.registry import Registry, connect
 from shoal.core.resp import RedisAddress, Timeouts
 from shoal.core.schema import ADVICE, CloseCode
 from shoal.workers import exposition, gate, http, tls, transport
+from shoal.workers.addresses import Addresses
 from shoal.workers.admission import Admission
 from shoal.workers.dispatcher import Tasks
 from shoal.workers.hub import Hub
@@ -143,7 +144,12 @@ class Worker:
             max_metadata_bytes=config.limits.max_metadata_bytes,
             policy=policy(self.app, config.auth),
         )
-        self.gate = gate.Gate(config.auth, keys, gate.verifier(config.auth))
+        self.gate = gate.Gate(
+            config.auth,
+            keys,
+            gate.verifier(config.auth),
+            Addresses(config.server, config.limits, keys, self.id),
+        )
         self.keeper = Keeper(
             self.hub, config.redis, self._tell, self.scoreboard.redis_up_everywhere
         )
