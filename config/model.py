@@ -69,6 +69,8 @@ class ServerConfig(_Section):
     max_request_jitter: NonNegativeInt = 0
     pid_file: str | None = None
     trusted_proxies: tuple[str, ...] = ()
+    admin_host: str = "127.0.0.1"
+    admin_port: Port | None = None
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -124,6 +126,11 @@ class ServerConfig(_Section):
         if (self.ssl_cert_file is None) != (self.ssl_key_file is None):
             raise ValueError(
                 "ssl_cert_file and ssl_key_file go together: give both to serve wss://, or neither"
+            )
+        if self.admin_port == self.port:
+            raise ValueError(
+                f"admin_port ({self.admin_port}) must differ from port: the admin listener "
+                "answers plain HTTP only"
             )
         if self.metrics_path == self.path:
             raise ValueError(
