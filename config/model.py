@@ -8,6 +8,7 @@ once, before forking, and workers inherit the same object.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from typing import Annotated, Any, Literal
@@ -67,6 +68,21 @@ class ServerConfig(_Section):
     max_request: NonNegativeInt = 0
     max_request_jitter: NonNegativeInt = 0
     pid_file: str | None = None
+    trusted_proxies: tuple[str, ...] = ()
+    admin_host: str = "127.0.0.1"
+    admin_port: Port | None = None
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{network!r} is not an IP address or network (e.g. 10.0.0.0/8, ::1)"
+                ) from None
+        return value
 
     @field_validator("path", "metrics_path")
     @classmethod
@@ -110,6 +126,11 @@ class ServerConfig(_Section):
         if (self.ssl_cert_file is None) != (self.ssl_key_file is None):
             raise ValueError(
                 "ssl_cert_file and ssl_key_file go together: give both to serve wss://, or neither"
+            )
+        if self.admin_port == self.port:
+            raise ValueError(
+                f"admin_port ({self.admin_port}) must differ from port: the admin listener "
+                "answers plain HTTP only"
             )
         if self.metrics_path == self.path:
             raise ValueError(
@@ -288,6 +309,9 @@ class LimitsConfig(_Section):
     max_metadata_bytes: Annotated[int, Field(ge=2)] = 4096
     max_rooms: PositiveInt = 100
     max_channels: PositiveInt = 100
+    # Per client address, counted in Redis across workers and nodes; 0: no limit.
+    connections_per_ip: NonNegativeInt = 0
+    connections_per_ip_per_minute: NonNegativeInt = 0
 
 
 _ALGORITHMS = (

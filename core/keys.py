@@ -16,6 +16,9 @@ one Redis never see each other. The layout (also in docs/architecture.md):
 | `P:alive:<wid>` | string, TTL | the worker's heartbeat; when it expires, any node sweeps the worker's state |
 | `P:tasks` | stream | the task queue: one entry per job not yet finished (its id is the task id), consumer group `tasks` |
 | `P:ban:<uid>` | string, TTL | a banned user: JSON `{"by", "reason", "until"}`; expires with the ban |
+| `P:addr:{<ip>}` | hash | connection id -> worker id, for every connection (or handshake under way) of one client address, with `limits.connections_per_ip` on (an IPv6 client counts per /64) |
+| `P:addrpace:{<ip>}` | string, TTL | the address's new-connection pace with `limits.connections_per_ip_per_minute` on: when (ms) its allowance is next whole (GCRA) |
+| `P:waddrs:<wid>` | hash | connection id -> client address, for every slot of `P:addr:*` a worker holds: what a sweep gives back when the worker dies |
 | `P:task:<id>` | hash, TTL | a job's `attempts` once started, then its outcome: `state` (`done`/`failed`), `body` (msgpack), `name`, `conn`, `user` |
 
 | channel | carries |
@@ -24,8 +27,9 @@ one Redis never see each other. The layout (also in docs/architecture.md):
 | `P:bus:w:<wid>` | messages for given connections on one worker |
 | `P:bus:room:<name>` / `P:bus:chan:<name>` | room and channel messages; only workers with local members subscribe |
 
-Every key holds at most one hash or string, and no command spans two keys, so the same
-layout works on Redis Cluster.
+Every key holds at most one hash or string, and no command spans two keys but the
+address check, whose two keys share a hash tag (`{<ip>}`), so the same layout works on
+Redis Cluster.
 """
 
 from __future__ import annotations
@@ -79,6 +83,15 @@ class Keys:
 
     def ban(self, uid: str) -> str:
         return f"{self.prefix}:ban:{uid}"
+
+    def address(self, ip: str) -> str:
+        return f"{self.prefix}:addr:{{{ip}}}"
+
+    def address_pace(self, ip: str) -> str:
+        return f"{self.prefix}:addrpace:{{{ip}}}"
+
+    def worker_addresses(self, wid: str) -> str:
+        return f"{self.prefix}:waddrs:{wid}"
 
     def task(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"

@@ -48,7 +48,10 @@ TYPES_IN = (*CLIENT_TYPES, TEXT, BINARY, OTHER)
 TYPES_OUT = (*SERVER_TYPES, TEXT, BINARY, OTHER)
 PROTOCOL_ERRORS = ("message", "frame")
 REDIS_ERRORS = ("connect", "lost", "busy")
-REFUSALS = ("unauthorized", "banned", "invalid", "unavailable")
+REFUSALS = (
+    *("unauthorized", "banned", "invalid", "unavailable"),
+    *("connections_per_ip", "connections_per_ip_per_minute"),
+)
 TASK_OUTCOMES = ("ok", "failed", "timeout", "abandoned")
 TASK_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0)
 RESTART_REASONS = ("crashed", "stuck", "reload", "max_request", "scale")
@@ -96,7 +99,7 @@ PROCESS_FAMILIES = (
     Family("deliveries", "counter", "Copies of published messages (rooms, channels, broadcasts, users) written to local recipients."),
     Family("slow_consumers", "counter", "Connections closed with 4000 because too much data waited to be sent to them."),
     Family("protocol_errors", "counter", "Client errors: a message the application refused (message); a broken WebSocket frame or message (frame).", "kind", PROTOCOL_ERRORS),
-    Family("handshakes_refused", "counter", "WebSocket handshakes refused by shoal, by reason: no valid token (unauthorized, 401), a banned user (banned, 403), an invalid user_id (invalid, 400), Redis or signing keys unavailable (unavailable, 503).", "reason", REFUSALS),
+    Family("handshakes_refused", "counter", "WebSocket handshakes refused by shoal, by reason: no valid token (unauthorized, 401), a banned user (banned, 403), an invalid user_id (invalid, 400), Redis or signing keys unavailable (unavailable, 503), a client address over limits.connections_per_ip or limits.connections_per_ip_per_minute (429).", "reason", REFUSALS),
     Family("redis_errors", "counter", "Redis failures: a connection attempt failed (connect), an open connection broke or stopped answering (lost), Redis answered BUSY or LOADING (busy).", "kind", REDIS_ERRORS),
     Family("redis_reconnects", "counter", "Redis connections opened again after one was lost."),
     Family("tasks", "counter", "Task jobs that ended in this node's task pool, by outcome.", "outcome", TASK_OUTCOMES),

@@ -74,6 +74,8 @@ class Snapshot:
     meta: dict[str, Any] | None
     rooms: Iterable[str] = ()
     channels: Iterable[str] = ()
+    address: str | None = None
+    """The client address whose slot it holds (`limits.connections_per_ip`), if any."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +299,18 @@ class Registry:
             commands = [
                 c for s in snapshots[start : start + _BATCH] for c in self._write_connection(s)
             ]
+            # Slots go back as they were, over any cap: these connections are open.
+            commands += [
+                c
+                for s in snapshots[start : start + _BATCH]
+                if s.address is not None
+                for c in hold_address(self.keys, self.worker_id, s.address, s.cid)
+            ]
             await self.redis.pipeline(commands)
+
+    async def release_address(self, ip: str, cid: str) -> None:
+        """Give back the slot of `ip` that `cid` held (`limits.connections_per_ip`)."""
+        await self.redis.pipeline(release_address(self.keys, self.worker_id, ip, cid))
 
     async def forget_worker(self, wid: str) -> list[Departure]:
         """Remove a worker that is gone and all its connections. Returns those removed."""
@@ -378,8 +391,26 @@ async def forget_worker(
         results = await asyncio.gather(*(remove_connection(client, keys, cid) for cid in batch))
         removed += [departure for departure in results if departure is not None]
     await client.execute("DEL", keys.worker_conns(wid))
+    # The address slots it held, connections and handshakes alike (`release_address`).
+    slots = _pairs(await client.execute("HGETALL", keys.worker_addresses(wid)))
+    if slots:
+        await client.pipeline([("HDEL", keys.address(ip), cid) for cid, ip in slots.items()])
+        # Not DEL: a live worker (`resync`) may have taken a slot since HGETALL.
+        await client.execute("HDEL", keys.worker_addresses(wid), *slots)
     if deregister:
         await client.pipeline([("HDEL", keys.workers, wid), ("DEL", keys.alive(wid))])
     if removed:
         logger.info("removed %d connections of worker %s from redis", len(removed), wid)
     return removed
+
+
+def hold_address(keys: Keys, wid: str, ip: str, cid: str) -> list[Command]:
+    """The commands that record, without a check, that `cid` of worker `wid` holds a slot
+    of the client address `ip` (the index first: a sweep finds what it lists)."""
+    return [("HSET", keys.worker_addresses(wid), cid, ip), ("HSET", keys.address(ip), cid, wid)]
+
+
+def release_address(keys: Keys, wid: str, ip: str, cid: str) -> list[Command]:
+    """The commands that give back the slot of `ip` that `cid` of worker `wid` holds
+    (idempotent)."""
+    return [("HDEL", keys.address(ip), cid), ("HDEL", keys.worker_addresses(wid), cid)]

@@ -154,6 +154,9 @@ class Master:
         server = self.config.server
         if not self.tasks_only:
             _check_port_free(server.host, server.port)
+            if server.admin_port is not None:
+                admin_keys = ("server.admin_host", "server.admin_port")
+                _check_port_free(server.admin_host, server.admin_port, admin_keys)
             for slot in range(server.worker_num):
                 self.listeners[slot] = listeners.open_listeners(server)
         if self.config.redis.embedded:
@@ -456,6 +459,7 @@ class Master:
 
     def _worker(self, slot: int, seat: int, socks: list[socket.socket]) -> int:
         logs.set_role(f"worker {slot}")
+        server = self.config.server
         return worker.run(
             worker.Placement(
                 self.config,
@@ -465,7 +469,8 @@ class Master:
                 self.scoreboard,
                 master_pid=os.getppid(),
                 slot=slot,
-                listeners=tuple(socks),
+                listeners=tuple(s for s in socks if not listeners.is_admin(s, server)),
+                admin_listeners=tuple(s for s in socks if listeners.is_admin(s, server)),
             )
         )
 
@@ -633,7 +638,9 @@ def _check_redis(url: str, timeout: float) -> None:
         )
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(
+    host: str, port: int, keys: tuple[str, str] = ("server.host", "server.port")
+) -> None:
     """Fail early if anything listens on the port, another shoal included.
 
     Workers bind with SO_REUSEPORT, which would silently share the port with another
@@ -642,7 +649,7 @@ def _check_port_free(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ConfigError(f"server.host: cannot resolve {host!r}: {exc.strerror}") from exc
+        raise ConfigError(f"{keys[0]}: cannot resolve {host!r}: {exc.strerror}") from exc
     for family, kind, proto, _, address in infos:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -650,5 +657,5 @@ def _check_port_free(host: str, port: int) -> None:
                 probe.bind(address)
             except OSError as exc:
                 raise ConfigError(
-                    f"server.port: cannot listen on {host}:{port}: {exc.strerror}"
+                    f"{keys[1]}: cannot listen on {host}:{port}: {exc.strerror}"
                 ) from exc

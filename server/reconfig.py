@@ -1,7 +1,8 @@
 """What a reload may change in a running node: the re-read configuration, less what
 cannot change in place, which keeps its running value with one error line each.
 
-A running node cannot move its listeners (`server.host`, `port`, `path`, `backlog`),
+A running node cannot move its listeners (`server.host`, `port`, `path`, `backlog`,
+`admin_host`, `admin_port`),
 rename itself (`server.node_id`), or change anything of its Redis (`redis.*`: where its
 state is, and the timings its housekeeper, which a reload keeps, shares with the
 workers); it cannot turn its task pool on or off; and it cannot grow past the number
@@ -18,7 +19,10 @@ from shoal.config.model import Config, RedisConfig
 logger = logging.getLogger(__name__)
 
 FIXED = (
-    *(("server", key) for key in ("host", "port", "path", "node_id", "backlog")),
+    *(
+        ("server", key)
+        for key in ("host", "port", "path", "node_id", "backlog", "admin_host", "admin_port")
+    ),
     *(("redis", key) for key in RedisConfig.model_fields),
 )
 

@@ -230,6 +230,9 @@ class Shoal:
         self.port = free_port()
         settings = {**settings, "server": {"port": self.port, **settings.get("server", {})}}
         settings["server"].setdefault("host", "127.0.0.1")
+        # The admin listener answers the details of /healthz and the metrics.
+        settings["server"].setdefault("admin_port", free_port())
+        self.admin_port: int | None = settings["server"]["admin_port"]
         self.workers = int(settings["server"].setdefault("worker_num", 2))
         self.settings = settings
         directory.mkdir(parents=True, exist_ok=True)
@@ -279,9 +282,10 @@ class Shoal:
         return f"ws://127.0.0.1:{self.port}{path}{query}"
 
     def health(self, *, expect_ok: bool = False) -> dict[str, Any] | None:
-        """GET /healthz; None unless it answers (200 and all workers up, with expect_ok)."""
+        """GET /healthz of the admin listener, with the node's details; None unless it
+        answers (200 and all workers up, with expect_ok)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
+            with urllib.request.urlopen(f"{self.admin_url}/healthz", timeout=2) as r:
                 body: dict[str, Any] = json.loads(r.read())
         except urllib.error.HTTPError as exc:
             if expect_ok:
@@ -295,6 +299,11 @@ class Shoal:
         if expect_ok and body["workers_alive"] != self.workers:
             return None
         return body
+
+    @property
+    def admin_url(self) -> str:
+        assert self.admin_port is not None, "this node has no admin listener"
+        return f"http://127.0.0.1:{self.admin_port}"
 
     @property
     def pid(self) -> int:
@@ -356,8 +365,9 @@ Samples = dict[tuple[str, str], float]
 
 
 def scrape(node: Shoal, path: str = "/metrics") -> Samples:
-    """GET the metrics page of `node` (whichever worker answers) and parse it."""
-    url = f"http://127.0.0.1:{node.port}{path}"
+    """GET the metrics page of `node` (whichever worker answers, on the admin listener)
+    and parse it."""
+    url = f"{node.admin_url}{path}"
     with urllib.request.urlopen(url, timeout=5) as response:
         assert response.headers["Content-Type"].startswith("text/plain; version=")
         text = response.read().decode()

@@ -31,7 +31,8 @@ class Connection:
     Attributes:
         id: unique across the whole deployment (`<worker id>.<n>`).
         user_id: the user; several connections may share one.
-        address: the client's address, `host:port`.
+        address: the client's address: `host:port` of the TCP peer, or the host a
+            trusted proxy forwarded (`server.trusted_proxies`).
         connected_at: when it connected, in epoch milliseconds.
         metadata: what `set_metadata()` merged in; visible in presence.
         rooms, channels: names this connection is in.
@@ -83,7 +84,7 @@ class Connection:
         self.transport = ws.transport
         self.hub = hub
         self.connected_at = connected_at
-        self.address = ws.remote_address
+        self.address = ws.client or ws.remote_address
         self.request_path = request_path
         self.metadata: dict[str, Any] = {}
         self.rooms: set[str] = set()
@@ -235,4 +236,5 @@ class Connection:
             meta=self.metadata,
             rooms=tuple(self.rooms),
             channels=tuple(self.channels),
+            address=None if self.ws.slot is None else self.ws.slot[0],
         )

@@ -1,10 +1,10 @@
-"""Who may open a connection: the token (401) and the ban list (403), decided during the
-opening handshake, before any WebSocket frame.
+"""Who may open a connection: the token (401), the ban list (403) and the limits of the
+client's address (429), decided during the opening handshake, before any WebSocket frame.
 
-`identify()` runs in the read callback: a token is checked with no I/O. A ban is in
-Redis, so with authentication on the worker defers the handshake
-(`shoal.workers.transport.DEFER`) for one round trip (`checks()` / `refusal()`); with it
-off, nothing is looked up and the handshake completes at once.
+`identify()` runs in the read callback: a token is checked with no I/O. A ban and the
+address counts are in Redis, so with authentication or an address limit on the worker
+defers the handshake (`shoal.workers.transport.DEFER`) for one round trip (`checks()` /
+`refusal()`); with both off, nothing is looked up and the handshake completes at once.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import secrets
 import time
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -28,12 +29,30 @@ from shoal.core.auth import Identity, Unauthorized, Verifier
 from shoal.core.backoff import full_jitter
 from shoal.core.errors import ServiceUnavailable
 from shoal.core.keys import Keys
+from shoal.workers.addresses import Addresses
 from shoal.workers.transport import WebSocket
 
 logger = logging.getLogger(__name__)
 
 Command = tuple[Any, ...]
 _JWKS_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A handshake refused after its Redis checks.
+
+    Attributes:
+        label: its `handshakes_refused` reason.
+        status: the HTTP status.
+        body: the JSON body, `{"error", "reason", ...}`.
+        retry_after: the `Retry-After` value.
+    """
+
+    label: str
+    status: int
+    body: dict[str, Any]
+    retry_after: str
 
 
 def verifier(config: AuthConfig) -> Verifier | None:
@@ -60,12 +79,16 @@ class Gate:
         config: the `auth` section.
         keys: Redis key names (bans).
         verifier: checks tokens; None when authentication is off.
+        addresses: the limits of each client address.
     """
 
-    def __init__(self, config: AuthConfig, keys: Keys, verifier: Verifier | None) -> None:
+    def __init__(
+        self, config: AuthConfig, keys: Keys, verifier: Verifier | None, addresses: Addresses
+    ) -> None:
         self.config = config
         self.keys = keys
         self.verifier = verifier
+        self.addresses = addresses
         self.leeway = config.jwt.leeway if config.jwt is not None else 0.0
         self.keys_loaded = verifier is None or config.jwt is None or config.jwt.jwks_url is None
 
@@ -107,25 +130,41 @@ class Gate:
             raise ServiceUnavailable("signing keys not loaded yet")
         return self.verifier.identify(token)
 
-    def checks(self, identity: Identity) -> list[Command]:
+    def checks(self, identity: Identity, slot: tuple[str, str] | None) -> list[Command]:
         """The Redis commands whose replies decide whether `identity` may connect (none:
-        it may, at once)."""
-        if not identity.authenticated:
-            return []
-        return [("GET", self.keys.ban(identity.user_id))]
+        it may, at once).
 
-    @staticmethod
-    def refusal(replies: list[Any]) -> tuple[int, dict[str, Any]] | None:
-        """Why the replies to `checks()` refuse the handshake (status, JSON body), or None."""
-        (ban,) = replies
-        if ban is None:
-            return None
-        try:
-            record = orjson.loads(ban)
-            until = int(record["until"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            until = 0
-        return http.HTTPStatus.FORBIDDEN, {"error": "forbidden", "reason": "banned", "until": until}
+        Args:
+            slot: (client address, connection id) to take a slot of the address limits
+                for; None when they are off. Once the commands are sent, the slot must
+                be given back when the connection is gone, whatever `refusal()` says.
+        """
+        commands: list[Command] = []
+        if identity.authenticated:
+            commands.append(("GET", self.keys.ban(identity.user_id)))
+        if slot is not None:
+            commands += self.addresses.reserve(*slot)
+        return commands
+
+    def refusal(self, identity: Identity, replies: list[Any]) -> Refusal | None:
+        """Why the replies to `checks()` refuse the handshake, or None."""
+        if identity.authenticated:
+            ban = replies[0]
+            if ban is not None:
+                try:
+                    record = orjson.loads(ban)
+                    until = int(record["until"])
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    until = 0
+                body = {"error": "forbidden", "reason": "banned", "until": until}
+                return Refusal("banned", http.HTTPStatus.FORBIDDEN, body, seconds_until(until))
+        if len(replies) > int(identity.authenticated):
+            over = self.addresses.refusal(replies[-1])
+            if over is not None:
+                reason, limit, wait = over
+                body = {"error": "too many requests", "reason": reason, "limit": limit}
+                return Refusal(reason, http.HTTPStatus.TOO_MANY_REQUESTS, body, str(wait))
+        return None
 
     async def keep_keys(self) -> None:
         """Fetch the JWKS (`auth.jwt.jwks_url`) now and every `jwks_refresh` seconds; on

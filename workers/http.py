@@ -1,5 +1,11 @@
-"""Plain HTTP on the WebSocket port: `/healthz`, `/metrics` (`server.metrics_path`), 404
-elsewhere, 503 when full or degraded."""
+"""Plain HTTP on the WebSocket port: `/healthz` (status only), 404 elsewhere, 503 when
+full or degraded; and on the admin listener (`server.admin_host`, `server.admin_port`):
+`/healthz` with the node's details and `/metrics` (`server.metrics_path`).
+
+The public `/healthz` tells a load balancer whether to send clients here, and nothing
+about the node: no worker ids, pids, node id or counts, which help an attacker time a
+flood or map a deployment. Those, and the metrics (counts of everything), answer only on
+the admin listener, which listens on localhost unless told otherwise."""
 
 from __future__ import annotations
 
@@ -20,31 +26,23 @@ Route = Callable[[WebSocket, Request], Response | None]
 
 def router(
     ws_path: str,
-    health: Callable[[], tuple[bool, dict[str, Any]]],
+    healthy: Callable[[], bool],
     admit: Callable[[WebSocket], str | None],
-    metrics_path: str | None = None,
-    metrics: Callable[[], bytes] | None = None,
 ) -> Route:
     """Build the handshake router of a worker's connections.
 
     Args:
         ws_path: the WebSocket path; upgrades elsewhere get 404.
-        health: returns (healthy, details) for `/healthz`.
+        healthy: whether `/healthz` answers 200 `{"status": "ok"}` (else 503).
         admit: returns None to accept the handshake of a connection (which then counts
             against `max_connection`), or why it is refused (503).
-        metrics_path: where `metrics` answers; None: nowhere.
-        metrics: returns the body of the metrics page (`shoal.workers.exposition`).
     """
 
     def route(ws: WebSocket, request: Request) -> Response | None:
         respond = ws.protocol.reject
         path = request.path.partition("?")[0]
         if path == HEALTH_PATH:
-            healthy, details = health()
-            status = http.HTTPStatus.OK if healthy else http.HTTPStatus.SERVICE_UNAVAILABLE
-            return _answer(respond(status, ""), orjson.dumps(details) + b"\n", "application/json")
-        if path == metrics_path and metrics is not None:
-            return _answer(respond(http.HTTPStatus.OK, ""), metrics(), exposition.CONTENT_TYPE)
+            return _health(ws, healthy(), {})
         if path != ws_path:
             return respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
         # A request without an upgrade goes on to websockets' handshake, which answers
@@ -57,6 +55,60 @@ def router(
         return None
 
     return route
+
+
+def _health(ws: WebSocket, healthy: bool, details: dict[str, Any]) -> Response:
+    """`/healthz`: 200 `{"status": "ok", **details}`, or 503 with the status."""
+    status = http.HTTPStatus.OK if healthy else http.HTTPStatus.SERVICE_UNAVAILABLE
+    body = {"status": "ok" if healthy else "redis unreachable", **details}
+    return _answer(ws.protocol.reject(status, ""), orjson.dumps(body) + b"\n", "application/json")
+
+
+class Admin:
+    """The admin listener's connections (`shoal.workers.transport.Handlers`): every
+    request gets a plain HTTP answer, and none becomes a WebSocket.
+
+    Args:
+        health: returns (healthy, details) for `/healthz`.
+        metrics_path: where `metrics` answers; None: nowhere.
+        metrics: returns the body of the metrics page (`shoal.workers.exposition`).
+    """
+
+    def __init__(
+        self,
+        health: Callable[[], tuple[bool, dict[str, Any]]],
+        metrics_path: str | None,
+        metrics: Callable[[], bytes],
+    ) -> None:
+        self.health = health
+        self.metrics_path = metrics_path
+        self.metrics = metrics
+
+    def route(self, ws: WebSocket, request: Request) -> Response:
+        path = request.path.partition("?")[0]
+        if path == HEALTH_PATH:
+            return _health(ws, *self.health())
+        if path == self.metrics_path:
+            page = ws.protocol.reject(http.HTTPStatus.OK, "")
+            return _answer(page, self.metrics(), exposition.CONTENT_TYPE)
+        return ws.protocol.reject(http.HTTPStatus.NOT_FOUND, "Not Found\n")
+
+    # Nothing else ever happens to an admin connection: it is answered, then closed.
+
+    def made(self, ws: WebSocket) -> None:
+        pass
+
+    def opened(self, ws: WebSocket, request: Request) -> None:  # pragma: no cover
+        raise AssertionError("the admin listener accepts no WebSocket")
+
+    def received(self, ws: WebSocket, data: str | bytes) -> None:  # pragma: no cover
+        pass
+
+    def lost(self, ws: WebSocket) -> None:
+        pass
+
+    def overflowed(self, ws: WebSocket) -> None:  # pragma: no cover
+        ws.abort()
 
 
 def _answer(response: Response, body: bytes, content_type: str) -> Response:

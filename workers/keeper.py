@@ -61,6 +61,7 @@ class Keeper:
         self.beat = 0.0  # monotonic time of the last heartbeat Redis acknowledged
         self.since = 0.0  # when the state was last found kept again after a failure
         self.gone: dict[str, _Gone] = {}
+        self.slots: dict[str, str] = {}  # connection id -> the address whose slot it held
         self.untold: Departures = []
         self._lock = asyncio.Lock()
 
@@ -83,6 +84,11 @@ class Keeper:
     def removal_failed(self, cid: str, user: str, rooms: tuple[str, ...], *, told: bool) -> None:
         """Redis failed while removing `cid`'s state: retry with every beat."""
         self.gone[cid] = _Gone(user, rooms, untold=not told)
+
+    def release_failed(self, ip: str, cid: str) -> None:
+        """Redis failed while giving back `cid`'s slot of the address `ip`: retry with
+        every beat."""
+        self.slots[cid] = ip
 
     def left_untold(self, user: str, rooms: list[str]) -> None:
         """`on_close` could not tell the rooms of a connection that closed."""
@@ -134,6 +140,9 @@ class Keeper:
             del self.gone[cid]
             if gone.untold:
                 self.untold.append((gone.user, list(gone.rooms)))
+        for cid, ip in list(self.slots.items()):
+            await registry.release_address(ip, cid)
+            del self.slots[cid]
         await hub.repair()
 
     def _announce(self) -> None:

@@ -29,9 +29,10 @@ from shoal.core.jobs import Outcome
 from shoal.core.metrics import BINARY, FRAME_ERRORS, OTHER, TEXT, counters
 from shoal.core.schema import ADVICE, CloseCode
 from shoal.workers import eager
+from shoal.workers.addresses import counted_as
 from shoal.workers.admission import Admission
 from shoal.workers.connection import Connection
-from shoal.workers.gate import Gate, refuse, seconds_until
+from shoal.workers.gate import Gate, refuse
 from shoal.workers.http import Route
 from shoal.workers.hub import Hub
 from shoal.workers.keeper import Departures, Keeper
@@ -116,13 +117,23 @@ class Sessions:
         except ServiceUnavailable as exc:
             return self._unavailable(ws, str(exc))
         ws.identity = identity
-        commands = gate.checks(identity)
+        addresses = gate.addresses
+        if addresses.trusted:
+            forwarded = request.headers.get_all("X-Forwarded-For")
+            ws.client = addresses.client(ws.remote_host, forwarded)
+        slot = None
+        if addresses.limited:
+            # The connection's id, chosen now: it names the address slot it holds.
+            self.sequence += 1
+            slot = (counted_as(ws.client or ws.remote_host), f"{self.worker_id}.{self.sequence}")
+        commands = gate.checks(identity, slot)
         if not commands:
             return None
         try:
             checked = self.hub.registry.redis.submit(commands)
         except ServiceUnavailable:
             return self._unavailable(ws, "redis unavailable")
+        ws.slot = slot  # given back in lost(), whatever the checks answer
         self.registering.add(checked)
         checked.add_done_callback(functools.partial(self._checked, ws))
         return DEFER
@@ -133,13 +144,25 @@ class Sessions:
         if checked.cancelled() or checked.exception() is not None:
             ws.respond(self._unavailable(ws, "redis unavailable"))
             return
-        refusal = self.gate.refusal(checked.result())
+        refusal = self.gate.refusal(ws.identity, checked.result())
         if refusal is None:
             ws.respond(None)
             return
-        status, body = refusal
-        counters.handshakes_refused["banned"] += 1
-        ws.respond(refuse(ws, status, body, Retry_After=seconds_until(body["until"])))
+        counters.handshakes_refused[refusal.label] += 1
+        ws.respond(refuse(ws, refusal.status, refusal.body, Retry_After=refusal.retry_after))
+
+    def _release(self, ip: str, cid: str) -> None:
+        """Give back the address slot `cid` held; if Redis fails, the keeper retries."""
+        try:
+            released = self.hub.registry.redis.submit(self.gate.addresses.release(ip, cid))
+        except ServiceUnavailable:
+            self.keeper.release_failed(ip, cid)
+            return
+        released.add_done_callback(functools.partial(self._released, ip, cid))
+
+    def _released(self, ip: str, cid: str, released: asyncio.Future[list[Any]]) -> None:
+        if released.cancelled() or released.exception() is not None:
+            self.keeper.release_failed(ip, cid)
 
     @staticmethod
     def _unavailable(ws: WebSocket, reason: str) -> Response:
@@ -153,9 +176,13 @@ class Sessions:
         counters.connections_opened += 1
         identity: Identity = ws.identity
         ws.identity = None
-        self.sequence += 1
+        if ws.slot is not None:
+            cid = ws.slot[1]
+        else:
+            self.sequence += 1
+            cid = f"{self.worker_id}.{self.sequence}"
         conn = Connection(
-            f"{self.worker_id}.{self.sequence}",
+            cid,
             identity,
             ws,
             self.hub,
@@ -214,6 +241,9 @@ class Sessions:
         if ws.admitted:
             ws.admitted = False
             self.admission.release()
+        if ws.slot is not None:
+            self._release(*ws.slot)
+            ws.slot = None
         self.handshaking.discard(ws)
         if ws in self.open:
             self._closed(ws, self.open.pop(ws))

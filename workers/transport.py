@@ -167,6 +167,7 @@ class WebSocket(asyncio.Protocol):
         "_lost",
         "_timer",
         "admitted",
+        "client",
         "handlers",
         "identity",
         "last_seen",
@@ -176,6 +177,7 @@ class WebSocket(asyncio.Protocol):
         "replying",
         "session",
         "settings",
+        "slot",
         "transport",
     )
 
@@ -196,6 +198,10 @@ class WebSocket(asyncio.Protocol):
         self.identity: Any = None
         """Who the client is, from its handshake until the worker makes its session."""
         self.admitted = False
+        self.client: str | None = None
+        """The client's address as a trusted proxy forwarded it; None: the TCP peer's."""
+        self.slot: tuple[str, str] | None = None
+        """(client address, connection id) while it holds a slot of the address limits."""
         # A handshake decided later (`respond()`): [its request, the events that followed
         # it in the same read (frames a client should not have sent yet), whether the
         # read ended with the request (see `_received`)].
@@ -357,9 +363,15 @@ class WebSocket(asyncio.Protocol):
 
     @property
     def remote_address(self) -> str:
-        """`host:port` of the client, or "" when unknown."""
+        """`host:port` of the TCP peer, or "" when unknown."""
         peer = self.transport.get_extra_info("peername") if self.transport else None
         return f"{peer[0]}:{peer[1]}" if peer else ""
+
+    @property
+    def remote_host(self) -> str:
+        """The TCP peer's host, or "" when unknown."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if peer else ""
 
     def close_code(self) -> tuple[int, bool]:
         """How the connection closed: the code of the close frame that began the closing

@@ -53,6 +53,7 @@ from shoal.core.registry import Registry, connect
 from shoal.core.resp import RedisAddress, Timeouts
 from shoal.core.schema import ADVICE, CloseCode
 from shoal.workers import exposition, gate, http, tls, transport
+from shoal.workers.addresses import Addresses
 from shoal.workers.admission import Admission
 from shoal.workers.dispatcher import Tasks
 from shoal.workers.hub import Hub
@@ -77,6 +78,7 @@ class Placement(ChildPlacement):
 
     slot: int
     listeners: tuple[socket.socket, ...]
+    admin_listeners: tuple[socket.socket, ...] = ()
 
 
 def policy(app: app_api.App, config: AuthConfig) -> Policy:
@@ -103,6 +105,7 @@ class Worker:
         self.scoreboard = placement.scoreboard
         self.master_pid = placement.master_pid
         self.listeners = placement.listeners
+        self.admin_listeners = placement.admin_listeners
         self.id = worker_id(self.node_id, self.slot, os.getpid())
         self.app = app_api.load(self.config.app.module, self.config.app.settings)
         self.timeouts = Timeouts.from_config(self.config.redis)
@@ -145,7 +148,12 @@ class Worker:
             max_channels=config.limits.max_channels,
             policy=policy(self.app, config.auth),
         )
-        self.gate = gate.Gate(config.auth, keys, gate.verifier(config.auth))
+        self.gate = gate.Gate(
+            config.auth,
+            keys,
+            gate.verifier(config.auth),
+            Addresses(config.server, config.limits, keys, self.id),
+        )
         self.keeper = Keeper(
             self.hub, config.redis, self._tell, self.scoreboard.redis_up_everywhere
         )
@@ -155,13 +163,7 @@ class Worker:
             self.hub,
             self.keeper,
             self.admission,
-            http.router(
-                config.server.path,
-                self._health,
-                self._admit,
-                config.server.metrics_path,
-                exposition.page(self.scoreboard, self.seat),
-            ),
+            http.router(config.server.path, self._healthy, self._admit),
             self.gate,
             log_connections=config.log.connections,
         )
@@ -261,18 +263,28 @@ class Worker:
             select_subprotocol=select_subprotocol,
         )
         self.factory = transport.factory(self.sessions, settings)
+        # Plain HTTP, never TLS: the admin listener is for this host or a private network.
+        admin = transport.factory(
+            http.Admin(
+                self._health, server.metrics_path, exposition.page(self.scoreboard, self.seat)
+            ),
+            settings,
+        )
         loop = asyncio.get_running_loop()
         try:
             secure = tls.context(server)  # the certificate as the files are now
             return [
-                await loop.create_server(
-                    self.factory,
-                    sock=sock,
-                    backlog=server.backlog,
-                    ssl=secure,
-                    ssl_handshake_timeout=server.handshake_timeout if secure else None,
-                )
-                for sock in self.listeners
+                *[
+                    await loop.create_server(
+                        self.factory,
+                        sock=sock,
+                        backlog=server.backlog,
+                        ssl=secure,
+                        ssl_handshake_timeout=server.handshake_timeout if secure else None,
+                    )
+                    for sock in self.listeners
+                ],
+                *[await loop.create_server(admin, sock=sock) for sock in self.admin_listeners],
             ]
         except OSError as exc:
             raise BootError(
@@ -289,9 +301,9 @@ class Worker:
         return bus.up and not bus.stalled and self.keeper.fresh
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
+        """`/healthz` of the admin listener: health and the node's details."""
         healthy = self._healthy()
         return healthy, {
-            "status": "ok" if healthy else "redis unreachable",
             "node": self.node_id,
             "worker": self.id,
             "workers_alive": self.scoreboard.workers_alive(),

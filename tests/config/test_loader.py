@@ -62,6 +62,12 @@ def test_app_settings_are_kept_for_the_application(tmp_path: Path) -> None:
         ("server:\n  path: ws\n", "server.path: must start with '/'"),
         ("server:\n  path: /healthz\n", "server.path: /healthz is the health endpoint"),
         ("server:\n  pid_file: run/shoal.pid\n", "server.pid_file: must be an absolute file path"),
+        ("server:\n  admin_port: 9501\n", "admin_port (9501) must differ from port"),
+        (
+            "server:\n  trusted_proxies: [10.0.0.0/33]\n",
+            "server.trusted_proxies: '10.0.0.0/33' is not an IP address or network",
+        ),
+        ("limits:\n  connections_per_ip: -1\n", "limits.connections_per_ip: Input should be"),
         ("redis:\n  url: http://x\n", "redis.url: must be 'embedded' or a URL"),
         ("redis:\n  prefix: 'a:b'\n", "redis.prefix: must be 1-64 letters"),
         ("log:\n  format: xml\n", "log.format: Input should be 'text' or 'json'"),

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,63 @@ def raw_http(port: int, request: bytes) -> tuple[int, bytes]:
     return int(data.split(b" ", 2)[1]), data
 
 
-def test_healthz(shoal: Shoal) -> None:
-    """GET /healthz answers JSON with the node's state, once."""
+def test_healthz_on_the_public_port_answers_status_only(shoal: Shoal) -> None:
+    """The public /healthz says ok, once, and nothing about the node; the admin listener
+    has the details."""
     status, data = raw_http(shoal.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 200
     head, body = data.split(b"\r\n\r\n", 1)
     assert head.count(b"Content-Type") == 1 and b"Content-Type: application/json" in head
-    health = json.loads(body)
+    assert json.loads(body) == {"status": "ok"}
+    assert raw_http(shoal.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 404
+
+    assert shoal.admin_port is not None
+    status, data = raw_http(shoal.admin_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200
+    health = json.loads(data.split(b"\r\n\r\n", 1)[1])
     assert health["workers_alive"] == 2 and health["worker_num"] == 2
     assert health["redis"] is True and health["connections"] == 0
-    assert health["node"] and health["status"] == "ok"
+    assert health["node"] and health["worker"] and health["status"] == "ok"
+
+
+def test_the_admin_listener_serves_no_websocket(shoal: Shoal) -> None:
+    assert shoal.admin_port is not None
+    upgrade = (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert raw_http(shoal.admin_port, upgrade)[0] == 404
+    assert raw_http(shoal.admin_port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 404
+
+
+def test_without_admin_port_there_is_no_admin_listener(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    node = Shoal(tmp_path, {**settings, "server": {"admin_port": None}})
+    node.start(wait=False)
+    try:
+        ok = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        wait_until(lambda: _answers(node.port, ok), 15, "the public /healthz")
+        # Nothing else of the node listens: its workers hold the public port only.
+        for pid in node.worker_pids():
+            listening = subprocess.run(
+                ["ss", "-Hltnp"], capture_output=True, text=True, check=True
+            ).stdout
+            ports = {
+                int(line.split()[3].rsplit(":", 1)[1])
+                for line in listening.splitlines()
+                if f"pid={pid}," in line
+            }
+            assert ports == {node.port}
+    finally:
+        node.stop()
+
+
+def _answers(port: int, request: bytes) -> bool:
+    try:
+        return raw_http(port, request)[0] == 200
+    except OSError:
+        return False
 
 
 def test_plain_http_and_bad_upgrades(shoal: Shoal) -> None:
