@@ -284,7 +284,7 @@ def conversations(draw: st.DrawFn) -> list[Action]:
     disturb, and deliveries to the other members."""
     who = draw(WHO)
     room = draw(ROOMS)
-    said = [Send(who, {"type": "join_room", "room": room})]
+    said: list[Action] = [Send(who, {"type": "join_room", "room": room})]
     for _ in range(draw(st.integers(1, 2))):
         said.append(Send(who, {"type": "room_message", "room": room, "message": draw(present)}))
     return said
@@ -441,18 +441,16 @@ class Model:
             sender.metadata = merged
             return {who: [{"type": "metadata_updated", "metadata": merged}]}
         if kind == "presence":
-            room = _name(m, "room") if "room" in m else None
-            listed = self.members(room) if room is not None else range(len(self.peers))
-            users = sorted(
-                (
-                    {"user_id": p.user, "rooms": sorted(p.rooms), "metadata": p.metadata}
-                    for p in (self.peers[i] for i in listed)
-                ),
-                key=lambda entry: entry["user_id"],
-            )
+            asked = _name(m, "room") if "room" in m else None
+            listed = self.members(asked) if asked is not None else range(len(self.peers))
+            entries: list[dict[str, Any]] = [
+                {"user_id": p.user, "rooms": sorted(p.rooms), "metadata": p.metadata}
+                for p in (self.peers[i] for i in listed)
+            ]
+            users = sorted(entries, key=lambda entry: str(entry["user_id"]))
             reply: dict[str, Any] = {"type": "presence", "users": users}
-            if room is not None:
-                reply["room"] = room
+            if asked is not None:
+                reply["room"] = asked
             return {who: [reply]}
         if kind == "task":
             name = _field(m, "task")
@@ -641,7 +639,7 @@ class Run:
         but the sender of a documented close (`closed`) is disconnected."""
         for i, peer in enumerate(self.peers):
             wanted = expected.get(i, [])
-            got = []
+            got: list[dict[str, Any]] = []
             for _ in wanted:
                 try:
                     frame = await asyncio.wait_for(peer.inbox.get(), STEP_TIMEOUT * SCALE)
@@ -675,12 +673,13 @@ class Run:
     def state(self) -> dict[str, dict[str, str]]:
         """Every hash under the prefix but the workers' own registration."""
         prefix = self.server.prefix
-        found = {}
+        found: dict[str, dict[str, str]] = {}
         for key in self.redis.scan_iter(match=f"{prefix}:*", count=1000):
             kind = key[len(prefix) + 1 :].split(":", 1)[0]
             if kind in ("workers", "alive"):
                 continue
-            found[key] = self.redis.hgetall(key)
+            held: Any = self.redis.hgetall(key)  # decoded: str keys and values
+            found[key] = held
         return found
 
     def expected_state(self) -> dict[str, dict[str, str]]:

@@ -76,7 +76,7 @@ def test_the_verifier_accepts_only_its_algorithms() -> None:
     assert (identity.user_id, identity.role, identity.authenticated) == ("ann", "admin", True)
     for token, reason in [
         (
-            jwt.encode({"sub": "ann", "exp": time.time() + 60}, None, "none"),
+            jwt.encode({"sub": "ann", "exp": time.time() + 60}, "", "none"),
             "algorithm not allowed",
         ),
         (jwt.encode({"sub": "ann", "exp": time.time() - 1}, SECRET), "token expired"),
