@@ -447,8 +447,8 @@ class Model:
                 {"user_id": p.user, "rooms": sorted(p.rooms), "metadata": p.metadata}
                 for p in (self.peers[i] for i in listed)
             ]
-            users = sorted(entries, key=lambda entry: str(entry["user_id"]))
-            reply: dict[str, Any] = {"type": "presence", "users": users}
+            listing = sorted(entries, key=lambda entry: str(entry["user_id"]))
+            reply: dict[str, Any] = {"type": "presence", "users": listing}
             if asked is not None:
                 reply["room"] = asked
             return {who: [reply]}
