@@ -539,6 +539,11 @@ class WebSocket(asyncio.Protocol):
             self.transport.abort()
 
     def _handshake(self, request: Request) -> None:
+        if self.protocol.eof_sent:
+            # Frames came with the request that websockets refused before the handshake
+            # was answered (compressed ones, say: compression is not negotiated yet). The
+            # connection failed and its end of stream is sent: nothing may follow it.
+            return
         response = self.handlers.route(self, request)
         if response is DEFER:
             self._deferred = [request, [], False]
