@@ -57,6 +57,7 @@ class ServerConfig(_Section):
     buffer_output_size: PositiveInt = 2 * 1024 * 1024
     max_message_size: PositiveInt = 1024 * 1024
     websocket_compression: bool = False
+    websocket_inflate_rate: PositiveInt = 4 * 1024 * 1024
     handshake_timeout: PositiveFloat = 10.0
     close_timeout: PositiveFloat = 3.0
     shutdown_timeout: PositiveFloat = 10.0

@@ -10,6 +10,12 @@ checked as fragments arrive, so an invalid text message fails at its first bad b
 Timers bound the two handshakes: a client that has not completed the opening handshake
 within `open_timeout`, or the closing handshake within `close_timeout` after it started,
 is dropped.
+
+With permessage-deflate negotiated, frames go to websockets one at a time, and what they
+inflate to is charged to the connection's `inflation.Budget`: reading from the client
+stops while the budget is spent, and after each `_TURN` bytes inflated, so that one
+client's small frames that inflate a thousandfold can neither stall the loop for the
+others nor pile up inflated messages in memory.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from websockets.extensions.base import ServerExtensionFactory
-from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import CloseCode as WsCloseCode
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
@@ -31,6 +37,7 @@ from websockets.server import ServerProtocol
 
 from shoal.core.metrics import counters
 from shoal.core.protocol import frames_end, whole_messages
+from shoal.workers.inflation import Budget, frame_size
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +48,19 @@ _QUIET.setLevel(logging.WARNING)
 
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+
+# Inflated bytes a compressed connection may have handled in one turn of the event loop
+# before it lets the other connections run: a few milliseconds of inflating, parsing and
+# answering (a message larger than this is still handled whole).
+_TURN = 256 * 1024
+# The server's LZ77 window, the largest window it lets a client use, and zlib's memLevel
+# for the server's compressor: about 61 KiB per connection once both contexts are in use,
+# against 94 KiB when a client may choose a 32 KiB window, and 320 KiB with zlib's own
+# defaults (measured with tracemalloc). These are websockets' defaults, stated here;
+# a client that cannot limit its window (it does not offer `client_max_window_bits`,
+# which browsers, websockets and Node's ws do) gets no compression.
+_WINDOW_BITS = 12
+_MEM_LEVEL = 5
 
 
 class Deferred:
@@ -92,6 +112,8 @@ class Settings:
     """Acceptable `Origin` headers (None: a request without one); None: any."""
     select_subprotocol: Callable[[Sequence[str]], str | None] | None = None
     """Picks the `Sec-WebSocket-Protocol` to answer from the client's offers."""
+    inflate_rate: int = 4 * 1024 * 1024
+    """Inflated bytes per second a compressed connection may send (`inflation.Budget`)."""
 
     @classmethod
     def make(
@@ -104,6 +126,7 @@ class Settings:
         *,
         allowed_origins: Sequence[str] | None = None,
         select_subprotocol: Callable[[Sequence[str]], str | None] | None = None,
+        inflate_rate: int = 4 * 1024 * 1024,
     ) -> Settings:
         """Settings from the config's values.
 
@@ -111,8 +134,17 @@ class Settings:
             allowed_origins: `server.allowed_origins`. A handshake from a browser on
                 another origin is refused with 403; one without an `Origin` header (not
                 from a browser) is accepted, since cross-site hijacking needs a browser.
+            inflate_rate: `server.websocket_inflate_rate`.
         """
-        extensions = list(enable_server_permessage_deflate(None)) if compression else []
+        extensions: list[ServerExtensionFactory] = []
+        if compression:
+            deflate = ServerPerMessageDeflateFactory(
+                server_max_window_bits=_WINDOW_BITS,
+                client_max_window_bits=_WINDOW_BITS,
+                compress_settings={"memLevel": _MEM_LEVEL},
+                require_client_max_window_bits=True,
+            )
+            extensions.append(deflate)
         origins: list[str | None] | None = None
         if allowed_origins is not None:
             origins = [*allowed_origins, None]
@@ -125,6 +157,7 @@ class Settings:
             extensions,
             origins,
             select_subprotocol,
+            inflate_rate,
         )
 
 
@@ -157,14 +190,20 @@ class WebSocket(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_budget",
         "_corked",
         "_decoder",
         "_deferred",
+        "_drain_handle",
+        "_eof",
         "_failed",
         "_fast",
         "_fragments",
         "_held",
+        "_inflated",
         "_lost",
+        "_partial",
+        "_paused",
         "_timer",
         "admitted",
         "client",
@@ -220,6 +259,17 @@ class WebSocket(asyncio.Protocol):
         self._held = b""
         self._failed = False
         self._corked = False
+        # With compression (`_metered`): the connection's budget, the bytes of data
+        # frames websockets has delivered (inflated), the bytes of the frame it has begun
+        # that it has not been given yet, the handle of the call that goes on with what
+        # is held back, and an end of stream that waits for it.
+        self._budget: Budget | None = None
+        self._inflated = 0
+        self._partial = 0
+        self._drain_handle: asyncio.Handle | None = None
+        self._eof = False
+        # The worker does not want to read from the client (`pause_reading()`).
+        self._paused = False
 
     # asyncio.Protocol
 
@@ -276,11 +326,18 @@ class WebSocket(asyncio.Protocol):
     def _received(self, data: bytes) -> None:
         counters.bytes_in += len(data)
         self.last_seen = self.loop.time()
-        protocol = self.protocol
         if self._fast:
             data = self._fast_path(data)
             if not data:
                 return
+        elif self._budget is not None:
+            self._metered(data)
+            return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        """Give `data` to websockets and handle what it makes of it."""
+        protocol = self.protocol
         opening = protocol.state is CONNECTING
         protocol.receive_data(data)
         events = protocol.events_received()
@@ -299,6 +356,7 @@ class WebSocket(asyncio.Protocol):
                     self._deferred[2] = whole
                 else:
                     self._fast = whole and not protocol.extensions
+                    self._meter()
             return
         # A close frame is queued (the client's, or a bad frame after good ones): the
         # replies to the messages before it must precede it on the wire. Those whose
@@ -331,6 +389,9 @@ class WebSocket(asyncio.Protocol):
                 self._handshake(cast(Request, event))
 
     def eof_received(self) -> bool | None:
+        if self._drain_handle is not None or (self._paused and self._held):
+            self._eof = True  # after the frames held back (`_drain`)
+            return True
         self.protocol.receive_eof()
         self.protocol.events_received()
         self._send_data()
@@ -342,6 +403,10 @@ class WebSocket(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._drain_handle is not None:
+            self._drain_handle.cancel()
+            self._drain_handle = None
+        self._held = b""
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
         self.handlers.lost(self)
@@ -428,11 +493,17 @@ class WebSocket(asyncio.Protocol):
         await asyncio.shield(self._lost)
 
     def pause_reading(self) -> None:
+        self._paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None:
+        self._paused = False
+        if self.transport is None or self._drain_handle is not None:
+            return  # the budget is spent: `_drain` resumes reading
+        if self._held and self._budget is not None:
+            self._wait(0.0)  # frames were held back meanwhile: they come first
+        else:
             self.transport.resume_reading()
 
     # Inside
@@ -480,6 +551,11 @@ class WebSocket(asyncio.Protocol):
             self.transport.abort()
 
     def _handshake(self, request: Request) -> None:
+        if self.protocol.eof_sent:
+            # Frames came with the request that websockets refused before the handshake
+            # was answered (compressed ones, say: compression is not negotiated yet). The
+            # connection failed and its end of stream is sent: nothing may follow it.
+            return
         response = self.handlers.route(self, request)
         if response is DEFER:
             self._deferred = [request, [], False]
@@ -510,6 +586,7 @@ class WebSocket(asyncio.Protocol):
             self._deliver(early)
         protocol = self.protocol
         self._fast = protocol.state is OPEN and whole and not early and not protocol.extensions
+        self._meter()
         self.resume_reading()
 
     def _answer(self, request: Request, response: Response | None) -> None:
@@ -528,6 +605,89 @@ class WebSocket(asyncio.Protocol):
         # headers, a dozen objects, would cost memory and the garbage collector's time
         # on every full collection. The worker reads them during the handshake only.
         request.headers.clear()
+
+    def _meter(self) -> None:
+        """Charge what this connection inflates to a budget, if compression was
+        negotiated (the opening handshake is complete)."""
+        if self.protocol.extensions and self._budget is None:
+            self._budget = Budget(self.settings.inflate_rate, self.loop.time())
+
+    def _metered(self, data: bytes) -> None:
+        """Give websockets the frames of a compressed connection one at a time, and
+        charge what each inflates to to the connection's budget.
+
+        What follows is held back (and reading from the client stops) once the budget is
+        spent, until it refills; once `_TURN` bytes were inflated in this turn of the
+        loop, until the next; and while the worker does not read from the client.
+        """
+        if self._held:
+            data = self._held + data  # at most one read: reading stopped when it was held
+            self._held = b""
+        budget = self._budget
+        assert budget is not None
+        end = len(data)
+        at = turn = 0
+        # Even while closing: websockets inflates what comes until the client's close.
+        while at < end:
+            if self._paused or self._drain_handle is not None:
+                break
+            partial = self._partial
+            if partial:  # the rest of a frame that websockets has begun
+                stop = min(end, at + partial)
+            else:
+                size = frame_size(data, at)
+                if not size:  # its header is still arriving
+                    break
+                stop = min(end, at + size)
+                partial = size
+            self._partial = partial - (stop - at)
+            before = self._inflated
+            self._parse(data[at:stop] if at or stop < end else data)
+            at = stop
+            inflated = self._inflated - before
+            if inflated:
+                turn += inflated
+                wait = budget.spend(inflated, self.loop.time())
+                if wait or turn >= _TURN:
+                    self._wait(wait)
+        if at < end:
+            self._held = data[at:]
+
+    def _wait(self, delay: float) -> None:
+        """Stop reading from the client; go on with what is held back after `delay`
+        seconds (0: in the next turn of the loop)."""
+        loop = self.loop
+        self._drain_handle = (
+            loop.call_later(delay, self._drain) if delay else loop.call_soon(self._drain)
+        )
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _drain(self) -> None:
+        """Go on with the frames held back; read from the client again when none is."""
+        self._drain_handle = None
+        transport = self.transport
+        if transport is None or self._paused:
+            return  # gone, or `resume_reading()` calls this again
+        if self.pending is not None:  # corked
+            self._metered(b"")
+        else:
+            pending: list[bytes] = []
+            self.pending = pending
+            try:
+                self._metered(b"")
+            finally:
+                if not self._corked:
+                    self.pending = None
+                    self._write_out(pending)
+        if self._drain_handle is not None or self._paused or self.transport is None:
+            return
+        if self._eof:
+            self._eof = False
+            self.eof_received()
+            transport.close()
+        else:
+            transport.resume_reading()
 
     def _fast_path(self, data: bytes) -> bytes:
         """Deliver the whole messages at the start of `data` (`protocol.whole_messages`);
@@ -568,6 +728,7 @@ class WebSocket(asyncio.Protocol):
             self.handlers.received(self, payload)
 
     def _frame(self, frame: Frame) -> None:
+        self._inflated += len(frame.data)
         opcode = frame.opcode
         if opcode is _TEXT:
             if frame.fin:

@@ -259,6 +259,7 @@ class Worker:
             open_timeout=server.handshake_timeout,
             close_timeout=server.close_timeout,
             compression=server.websocket_compression,
+            inflate_rate=server.websocket_inflate_rate,
             allowed_origins=server.allowed_origins,
             select_subprotocol=select_subprotocol,
         )
