@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]  # ships no type information
 import pytest
 from websockets.client import ClientProtocol
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
@@ -81,7 +81,7 @@ class RawClient:
                 if event.opcode is Opcode.CLOSE:
                     self.closed = event
                 elif event.opcode is Opcode.TEXT:
-                    self.messages.append((time.monotonic(), event.data.decode()))
+                    self.messages.append((time.monotonic(), bytes(event.data).decode()))
 
     def read_in_background(self) -> threading.Thread:
         def read() -> None:
