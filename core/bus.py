@@ -15,9 +15,10 @@ that worker meanwhile is lost. So publishing is paced by the slowest reader: `co
 is true while the publisher connection has more than `Backlogs.publish` bytes unsent,
 or while any subscriber connection of the deployment (named `Backlogs.name`'s prefix
 with CLIENT SETNAME) holds more than `Backlogs.subscriber` bytes in Redis, as the `omem`
-of `CLIENT LIST TYPE pubsub` shows. The bus reads that every `_WATCH_EVERY` seconds while
-it publishes. A caller that sees `congested` waits in `relieved()` (the hub holds the
-client that published, whose further messages then wait unread: `shoal.workers.sessions`).
+of `CLIENT LIST TYPE pubsub` shows, counting what this worker published since. The bus
+reads that every `_WATCH_EVERY` seconds while it publishes. A caller that sees
+`congested` waits in `relieved()` (the hub holds the client that published, whose
+further messages then wait unread: `shoal.workers.sessions`).
 
 Pub/sub replies are matched to the commands that caused them. Redis confirms a
 `SUBSCRIBE a b` with one push per channel, in order, or refuses the whole command with
@@ -51,6 +52,7 @@ _SUBSCRIBE_CHUNK = 512
 # Redis's top PUBLISH rate on one core (~60 MB/s of 1 KB messages) a backlog grows about
 # 3 MB in one period, well inside the margin between the bound and Redis's limit.
 _WATCH_EVERY = 0.05
+_UNWATCHED = 1 << 62
 
 OnMessages = Callable[[list[tuple[bytes, bytes]]], None]
 
@@ -125,7 +127,12 @@ class Bus:
         self.backlogs = backlogs or Backlogs()
         self.subscriber_backlog = 0
         """The largest backlog in Redis among the deployment's subscribers, last read."""
-        self._posted = False  # since the backlogs were last read
+        # Bytes published since the backlogs were last asked for: counted as backlog until
+        # the next reading (which includes them: Redis runs one connection's commands in
+        # order), so this worker alone cannot overshoot the bound between two readings.
+        self._posted = 0
+        # The subscribers' bound while their backlogs are watched; none otherwise.
+        self._bound = self.backlogs.subscriber if self.backlogs.name else _UNWATCHED
         self._relief: list[asyncio.Future[None]] = []
         self.wanted: dict[bytes, int] = {}
         self.confirmations: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
@@ -182,14 +189,14 @@ class Bus:
         if self.publisher is None:
             raise RedisUnavailable()
         self.publisher.send_unanswered(b"PUBLISH", channel, data)
-        self._posted = True
+        self._posted += len(data)
 
     @property
     def congested(self) -> bool:
         """Redis is behind (see the module docstring): a publisher should wait in
         `relieved()` before it publishes more."""
         publisher = self.publisher
-        return self.subscriber_backlog > self.backlogs.subscriber or (
+        return self.subscriber_backlog + self._posted > self._bound or (
             publisher is not None and publisher.unsent() > self.backlogs.publish
         )
 
@@ -213,14 +220,13 @@ class Bus:
         """Read the subscribers' backlogs while this worker publishes or waits; wake the
         waiters once Redis has caught up."""
         peers = self.backlogs.peers.encode()
-        watching = bool(self.backlogs.name)
         while True:
             await asyncio.sleep(_WATCH_EVERY)
             publisher = self.publisher
-            if publisher is None:
-                self.subscriber_backlog = 0
-            elif watching and (self._posted or self.subscriber_backlog or self._relief):
-                self._posted = False
+            if publisher is None or self._bound == _UNWATCHED:
+                self.subscriber_backlog = self._posted = 0
+            elif self._posted or self.subscriber_backlog or self._relief:
+                self._posted = 0
                 try:
                     listing = await publisher.send(b"CLIENT", b"LIST", b"TYPE", b"pubsub")
                 except RedisReplyError as exc:
@@ -229,7 +235,7 @@ class Bus:
                         "watched, only the publisher's",
                         exc,
                     )
-                    watching = False
+                    self._bound = _UNWATCHED
                     self.subscriber_backlog = 0
                 except ServiceUnavailable:
                     pass  # the connection is going: the next one is read again
@@ -242,7 +248,7 @@ class Bus:
             return
         backlogs = self.backlogs
         publisher = self.publisher
-        if self.subscriber_backlog > backlogs.subscriber // 2 or (
+        if self.subscriber_backlog + self._posted > self._bound // 2 or (
             publisher is not None and publisher.unsent() > backlogs.publish // 2
         ):
             return
