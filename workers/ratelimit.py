@@ -69,16 +69,38 @@ class Rates:
 class Allowance:
     """What one connection may still send, by the rates of `Rates`.
 
-    Starts full: a new connection may send a whole burst at once.
+    Starts full: a new connection may send a whole burst at once. Each bucket is kept as
+    the time at which it would be full again (the generic cell rate algorithm, the same
+    bucket seen from the clock's side): one addition and one comparison per message,
+    which is what a check run for every message can afford.
     """
 
-    __slots__ = ("_bytes", "_messages", "_refused", "_stamp", "_window_ends", "rates")
+    __slots__ = (
+        "_byte_cost",
+        "_byte_slack",
+        "_bytes_full_at",
+        "_message_cost",
+        "_message_slack",
+        "_messages_full_at",
+        "_refused",
+        "_window_ends",
+        "rates",
+    )
 
     def __init__(self, rates: Rates, now: float) -> None:
         self.rates = rates
-        self._messages = float(rates.message_burst)
-        self._bytes = float(rates.byte_burst)
-        self._stamp = now
+        # Seconds of refill one message (one byte) costs, and how far ahead of the clock
+        # a bucket may run before it is empty. No limit: it costs nothing.
+        unlimited = float("inf")
+        self._message_cost = 0.0 if rates.messages is None else 1.0 / rates.messages
+        self._message_slack = (
+            unlimited if rates.messages is None else rates.message_burst / rates.messages
+        ) + _ROUNDING
+        self._byte_cost = 0.0 if rates.bytes is None else 1.0 / rates.bytes
+        self._byte_slack = (
+            unlimited if rates.bytes is None else rates.byte_burst / rates.bytes
+        ) + _ROUNDING
+        self._messages_full_at = self._bytes_full_at = now
         self._refused = 0
         self._window_ends = 0.0
 
@@ -86,29 +108,15 @@ class Allowance:
         """Account for one message of `size` payload bytes arriving at `now` (seconds,
         any monotonic clock). The caller must refuse it unless `Verdict.ALLOW`, and
         close the connection on `Verdict.CLOSE`."""
-        rates = self.rates
-        elapsed = now - self._stamp
-        if elapsed > 0:
-            self._stamp = now
-        else:
-            elapsed = 0.0
-        messages = self._messages
-        if rates.messages is not None:
-            messages = min(rates.message_burst, messages + elapsed * rates.messages)
-            self._messages = messages
-        available = self._bytes
-        if rates.bytes is not None:
-            available = min(rates.byte_burst, available + elapsed * rates.bytes)
-            self._bytes = available
-        if (rates.messages is None or messages >= 1.0) and (
-            rates.bytes is None or available >= size
-        ):
-            if rates.messages is not None:
-                self._messages = messages - 1.0
-            if rates.bytes is not None:
-                self._bytes = available - size
-            return Verdict.ALLOW
-        return self._refuse(now)
+        full_at = self._messages_full_at
+        messages = (full_at if full_at > now else now) + self._message_cost
+        full_at = self._bytes_full_at
+        size_cost = (full_at if full_at > now else now) + size * self._byte_cost
+        if messages - now > self._message_slack or size_cost - now > self._byte_slack:
+            return self._refuse(now)
+        self._messages_full_at = messages
+        self._bytes_full_at = size_cost
+        return Verdict.ALLOW
 
     def _refuse(self, now: float) -> Verdict:
         if now >= self._window_ends:
@@ -116,3 +124,7 @@ class Allowance:
             self._refused = 0
         self._refused += 1
         return Verdict.CLOSE if self._refused >= self.rates.max_refused else Verdict.REFUSE
+
+
+# Sums of many small costs drift by a few ulps: never refuse a message for that.
+_ROUNDING = 1e-9

@@ -6,7 +6,14 @@ arrived. A handler starts in the read callback itself (`shoal.workers.eager`); o
 that has to wait (for Redis, say) gets a task, and the connection's next messages wait
 in its inbox meanwhile. A client whose inbox grows past `_INBOX_HIGH` messages is not
 read from until its handlers catch up (back to `_INBOX_LOW`): a flood from one client
-costs that client latency, not the worker its memory.
+costs that client latency, not the worker its memory. A publish that finds Redis behind
+(`shoal.core.bus`) makes its handler wait the same way, so a client publishes no faster
+than the slowest worker of the deployment reads.
+
+Rate limits (`limits.*`, `shoal.workers.ratelimit`) are checked as each message arrives,
+before it is handled or held: one over its connection's rate is answered
+`Rate limit exceeded` in its turn and has no effect, and sustained abuse closes the
+connection with 1008.
 """
 
 from __future__ import annotations
