@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shoal.config.model import LimitsConfig
+from shoal.core.bus import largest_backlog
 from shoal.workers.ratelimit import Allowance, Rates, Verdict
 
 ALLOW, REFUSE, CLOSE = Verdict.ALLOW, Verdict.REFUSE, Verdict.CLOSE
@@ -112,3 +113,15 @@ def test_rates_from_config(limits: LimitsConfig, enabled: bool) -> None:
     assert made.enabled is enabled
     assert made.message_burst == limits.burst
     assert made.max_refused == limits.max_refused
+
+
+def test_the_largest_backlog_is_read_from_client_list() -> None:
+    """Only the deployment's subscribers count (by name), whatever else is connected."""
+    listing = (
+        b"id=3 addr=/s:0 name=app:sub:n.0.1 age=9 omem=0 tot-mem=22000 cmd=subscribe\n"
+        b"id=4 addr=/s:0 name=app:sub:n.1.2 age=9 omem=4194304 tot-mem=4200000 cmd=ping\n"
+        b"id=5 addr=/s:0 name=other:sub:x omem=99999999 cmd=subscribe\n"
+        b"id=6 addr=/s:0 name= omem=88888888 cmd=subscribe\n"
+    )
+    assert largest_backlog(listing, b"app:sub:") == (4194304, 2)
+    assert largest_backlog(b"", b"app:sub:") == (0, 0)
