@@ -313,6 +313,16 @@ class LimitsConfig(_Section):
     # Per client address, counted in Redis across workers and nodes; 0: no limit.
     connections_per_ip: NonNegativeInt = 0
     connections_per_ip_per_minute: NonNegativeInt = 0
+    # Per connection (`shoal.workers.ratelimit`); None lifts the limit.
+    messages_per_second: PositiveFloat | None = 50.0
+    burst: PositiveInt = 200
+    bytes_per_second: PositiveInt | None = 1024 * 1024
+    bytes_burst: PositiveInt = 1024 * 1024
+    max_refused: PositiveInt = 20
+    abuse_window: PositiveFloat = 10.0
+    # Backpressure toward Redis (`shoal.core.bus`).
+    publish_backlog: Annotated[int, Field(ge=64 * 1024)] = 1024 * 1024
+    subscriber_backlog: Annotated[int, Field(ge=64 * 1024)] = 4 * 1024 * 1024
 
 
 _ALGORITHMS = (
@@ -421,6 +431,23 @@ class Config(_Section):
     tasks: TasksConfig = Field(default_factory=TasksConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+
+    @model_validator(mode="after")
+    def _limits(self) -> Config:
+        limits, size = self.limits, self.server.max_message_size
+        if limits.bytes_per_second is not None and limits.bytes_burst < size:
+            raise ValueError(
+                f"limits.bytes_burst ({limits.bytes_burst}) must be at least "
+                f"server.max_message_size ({size}): a message that big could never pass "
+                "the byte rate limit"
+            )
+        if limits.publish_backlog > self.redis.max_write_buffer:
+            raise ValueError(
+                f"limits.publish_backlog ({limits.publish_backlog}) must be at most "
+                f"redis.max_write_buffer ({self.redis.max_write_buffer}): publishers "
+                "must wait before publishes are refused"
+            )
+        return self
 
     @property
     def task_processes(self) -> int:

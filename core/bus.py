@@ -8,6 +8,18 @@ published meanwhile. Senders get `ServiceUnavailable` for what they publish whil
 bus is down, or while Redis has left a publish unanswered for `redis.stall_timeout`
 seconds; clients resync on reconnect.
 
+Backpressure. Redis takes PUBLISH as fast as a worker writes it, then holds in every
+subscriber's output buffer what that subscriber has not read yet; past its
+`client-output-buffer-limit pubsub` it drops the subscriber, and everything published to
+that worker meanwhile is lost. So publishing is paced by the slowest reader: `congested`
+is true while the publisher connection has more than `Backlogs.publish` bytes unsent,
+or while any subscriber connection of the deployment (named `Backlogs.name`'s prefix
+with CLIENT SETNAME) holds more than `Backlogs.subscriber` bytes in Redis, as the `omem`
+of `CLIENT LIST TYPE pubsub` shows, counting what this worker published since. The bus
+reads that every `_WATCH_EVERY` seconds while it publishes. A caller that sees
+`congested` waits in `relieved()` (the hub holds the client that published, whose
+further messages then wait unread: `shoal.workers.sessions`).
+
 Pub/sub replies are matched to the commands that caused them. Redis confirms a
 `SUBSCRIBE a b` with one push per channel, in order, or refuses the whole command with
 one error reply (an ACL `NOPERM`, say). The bus keeps the commands it sent in order, so
@@ -36,8 +48,43 @@ _UNSUBSCRIBE = b"unsubscribe"
 _PONG = b"pong"
 _PUSH_KINDS = frozenset((_MESSAGE, _SUBSCRIBE, _UNSUBSCRIBE, _PONG))
 _SUBSCRIBE_CHUNK = 512
+# How often the subscribers' backlogs in Redis are read while this worker publishes: at
+# Redis's top PUBLISH rate on one core (~60 MB/s of 1 KB messages) a backlog grows about
+# 3 MB in one period, well inside the margin between the bound and Redis's limit.
+_WATCH_EVERY = 0.05
+_UNWATCHED = 1 << 62
 
 OnMessages = Callable[[list[tuple[bytes, bytes]]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Backlogs:
+    """How far Redis may fall behind before publishers wait (`limits.*_backlog`).
+
+    Attributes:
+        publish: bytes unsent on the publisher connection.
+        subscriber: bytes Redis holds for one subscriber connection of the deployment.
+        name: this worker's subscriber connection's CLIENT SETNAME; "" for none (and
+            no watch of the subscribers).
+        peers: the prefix every subscriber name of the deployment starts with.
+    """
+
+    publish: int = 1024 * 1024
+    subscriber: int = 4 * 1024 * 1024
+    name: str = ""
+    peers: str = ""
+
+
+def largest_backlog(listing: bytes, peers: bytes) -> tuple[int, int]:
+    """From a `CLIENT LIST` reply: the largest `omem` (bytes of output buffer) among
+    the clients whose name starts with `peers`, and how many there are."""
+    largest = count = 0
+    for line in listing.splitlines():
+        fields = dict(item.partition(b"=")[::2] for item in line.split(b" "))
+        if fields.get(b"name", b"").startswith(peers):
+            count += 1
+            largest = max(largest, int(fields.get(b"omem", b"0")))
+    return largest, count
 
 
 @dataclass(slots=True)
@@ -62,6 +109,7 @@ class Bus:
             Redis in order, inside the read callback: it must not block.
         on_state: called with True when both connections are up, False when one drops.
         timeouts: connection limits; see `shoal.core.resp.Timeouts`.
+        backlogs: when publishers wait; see the module docstring.
     """
 
     def __init__(
@@ -70,11 +118,22 @@ class Bus:
         on_messages: OnMessages,
         on_state: Callable[[bool], None] | None = None,
         timeouts: Timeouts | None = None,
+        backlogs: Backlogs | None = None,
     ) -> None:
         self.address = address
         self.on_messages = on_messages
         self.on_state = on_state
         self.timeouts = timeouts or Timeouts()
+        self.backlogs = backlogs or Backlogs()
+        self.subscriber_backlog = 0
+        """The largest backlog in Redis among the deployment's subscribers, last read."""
+        # Bytes published since the backlogs were last asked for: counted as backlog until
+        # the next reading (which includes them: Redis runs one connection's commands in
+        # order), so this worker alone cannot overshoot the bound between two readings.
+        self._posted = 0
+        # The subscribers' bound while their backlogs are watched; none otherwise.
+        self._bound = self.backlogs.subscriber if self.backlogs.name else _UNWATCHED
+        self._relief: list[asyncio.Future[None]] = []
         self.wanted: dict[bytes, int] = {}
         self.confirmations: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
         self.publisher: Link | None = None
@@ -96,6 +155,7 @@ class Bus:
         self._tasks = [
             asyncio.create_task(self._reconnect(), name="bus-reconnect"),
             asyncio.create_task(self._monitor(), name="bus-monitor"),
+            asyncio.create_task(self._watch(), name="bus-backlogs"),
         ]
 
     @property
@@ -129,6 +189,73 @@ class Bus:
         if self.publisher is None:
             raise RedisUnavailable()
         self.publisher.send_unanswered(b"PUBLISH", channel, data)
+        self._posted += len(data)
+
+    @property
+    def congested(self) -> bool:
+        """Redis is behind (see the module docstring): a publisher should wait in
+        `relieved()` before it publishes more."""
+        publisher = self.publisher
+        return self.subscriber_backlog + self._posted > self._bound or (
+            publisher is not None and publisher.unsent() > self.backlogs.publish
+        )
+
+    async def relieved(self) -> None:
+        """Return once Redis has caught up, to half the bounds that made the bus
+        `congested`, or after `timeouts.socket` seconds: a subscriber that does not catch
+        up in that time is stuck (a frozen worker), and Redis's own limit drops it rather
+        than hold every publisher of the deployment."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._relief.append(waiter)
+        try:
+            async with asyncio.timeout(self.timeouts.socket):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            if not waiter.done():
+                self._relief.remove(waiter)
+
+    async def _watch(self) -> None:
+        """Read the subscribers' backlogs while this worker publishes or waits; wake the
+        waiters once Redis has caught up."""
+        peers = self.backlogs.peers.encode()
+        while True:
+            await asyncio.sleep(_WATCH_EVERY)
+            publisher = self.publisher
+            if publisher is None or self._bound == _UNWATCHED:
+                self.subscriber_backlog = self._posted = 0
+            elif self._posted or self.subscriber_backlog or self._relief:
+                self._posted = 0
+                try:
+                    listing = await publisher.send(b"CLIENT", b"LIST", b"TYPE", b"pubsub")
+                except RedisReplyError as exc:
+                    logger.warning(
+                        "redis refused CLIENT LIST (%s): subscribers' backlogs are not "
+                        "watched, only the publisher's",
+                        exc,
+                    )
+                    self._bound = _UNWATCHED
+                    self.subscriber_backlog = 0
+                except ServiceUnavailable:
+                    pass  # the connection is going: the next one is read again
+                else:
+                    self.subscriber_backlog = largest_backlog(listing, peers)[0]
+            self._relieve()
+
+    def _relieve(self) -> None:
+        if not self._relief:
+            return
+        backlogs = self.backlogs
+        publisher = self.publisher
+        if self.subscriber_backlog + self._posted > self._bound // 2 or (
+            publisher is not None and publisher.unsent() > backlogs.publish // 2
+        ):
+            return
+        relief, self._relief = self._relief, []
+        for waiter in relief:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def subscribe(self, channel: bytes) -> None:
         """Count one more local interest in `channel`; return once Redis delivers it here.
@@ -332,6 +459,20 @@ class Bus:
             ServiceUnavailable: Redis did not confirm in time, or the link broke.
         """
         link = await self._open(self._on_push)
+        if self.backlogs.name:
+            try:
+                async with asyncio.timeout(self.timeouts.socket):
+                    # Named, so that every worker finds it in CLIENT LIST (and operators too).
+                    await link.send(b"CLIENT", b"SETNAME", self.backlogs.name)
+            except TimeoutError:
+                link.abort("redis did not answer CLIENT SETNAME")
+                raise RedisUnavailable() from None
+            except RedisReplyError as exc:
+                if exc.transient:
+                    link.abort("redis could not name the bus's subscriber yet")
+                    raise
+                # An ACL without CLIENT: the bus works, only its backlog is not watched.
+                logger.warning("redis refused CLIENT SETNAME: %s", exc)
         self._sent.clear()
         waiters = []
         for chunk in _chunks(list(self.wanted), _SUBSCRIBE_CHUNK):

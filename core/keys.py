@@ -27,6 +27,9 @@ one Redis never see each other. The layout (also in docs/architecture.md):
 | `P:bus:w:<wid>` | messages for given connections on one worker |
 | `P:bus:room:<name>` / `P:bus:chan:<name>` | room and channel messages; only workers with local members subscribe |
 
+Each worker names its subscriber connection `P:sub:<wid>` (CLIENT SETNAME), so that every
+worker can read the backlogs Redis holds for the deployment's subscribers.
+
 Every key holds at most one hash or string, and no command spans two keys but the
 address check, whose two keys share a hash tag (`{<ip>}`), so the same layout works on
 Redis Cluster.
@@ -98,6 +101,15 @@ class Keys:
 
     def bus_worker(self, wid: str) -> bytes:
         return f"{self.prefix}:bus:w:{wid}".encode()
+
+    def bus_client(self, wid: str) -> str:
+        """The name of a worker's subscriber connection (CLIENT SETNAME)."""
+        return f"{self.bus_clients}{wid}"
+
+    @property
+    def bus_clients(self) -> str:
+        """What the names of every subscriber connection of the deployment start with."""
+        return f"{self.prefix}:sub:"
 
     def bus_topic(self, kind: TopicKind, name: str) -> bytes:
         return f"{self.prefix}:bus:{kind.value}:{name}".encode()

@@ -102,6 +102,8 @@ PROCESS_FAMILIES = (
     Family("handshakes_refused", "counter", "WebSocket handshakes refused by shoal, by reason: no valid token (unauthorized, 401), a banned user (banned, 403), an invalid user_id (invalid, 400), Redis or signing keys unavailable (unavailable, 503), a client address over limits.connections_per_ip or limits.connections_per_ip_per_minute (429).", "reason", REFUSALS),
     Family("redis_errors", "counter", "Redis failures: a connection attempt failed (connect), an open connection broke or stopped answering (lost), Redis answered BUSY or LOADING (busy).", "kind", REDIS_ERRORS),
     Family("redis_reconnects", "counter", "Redis connections opened again after one was lost."),
+    Family("rate_limited", "counter", "Client messages refused by the per-connection rate limits (limits.messages_per_second, limits.bytes_per_second)."),
+    Family("publish_waits", "counter", "Times a client's publish made its connection wait because Redis was behind (limits.publish_backlog, limits.subscriber_backlog)."),
     Family("tasks", "counter", "Task jobs that ended in this node's task pool, by outcome.", "outcome", TASK_OUTCOMES),
     Family("task_run_seconds", "histogram", "Time each run of a task job took in a task process, retries included.", "", TASK_RUN_COLUMNS),
     Family("task_queue_depth", "gauge", "Task jobs queued or running in the whole deployment (the length of the tasks stream), read every few seconds."),
@@ -155,6 +157,8 @@ class Counters:
         self.handshakes_refused = dict.fromkeys(REFUSALS, 0)
         self.redis_errors = dict.fromkeys(REDIS_ERRORS, 0)
         self.redis_reconnects = 0
+        self.rate_limited = 0
+        self.publish_waits = 0
         self.tasks = dict.fromkeys(TASK_OUTCOMES, 0)
         # Cumulative, as Prometheus buckets are: a run counts in every bucket it fits.
         self.task_run_seconds = dict.fromkeys(TASK_RUN_COLUMNS, 0.0)

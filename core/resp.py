@@ -374,6 +374,11 @@ class Link(asyncio.Protocol):
             if (self.pending or self.awaiting_pushes) and self.waiting_since is None:
                 self.waiting_since = self.loop.time()
 
+    def unsent(self) -> int:
+        """Bytes written to the connection that the kernel has not taken yet."""
+        transport = self.transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
     # Health
 
     def check(self, now: float) -> None:

@@ -25,10 +25,27 @@ from shoal.core.errors import ConfigError, ShoalError
 logger = logging.getLogger(__name__)
 
 _START_TIMEOUT = 10.0
+_MB = 1024 * 1024
+
+
+def pubsub_limit(subscriber_backlog: int) -> str:
+    """Redis's `client-output-buffer-limit` for pub/sub connections, from
+    `limits.subscriber_backlog`: "pubsub HARD SOFT SECONDS".
+
+    Publishers wait while a subscriber's backlog is above `subscriber_backlog`
+    (`shoal.core.bus`), so Redis should never need its limit; it stays as the bound on
+    a subscriber that stops reading altogether (a frozen worker, whose publishers give
+    up waiting after `redis.socket_timeout`). The soft limit is 4 times the backlog (at
+    least 32 MB) for 30 s, well past what pacing lets through; the hard limit twice
+    that. Redis's own default, 32 MB hard and 8 MB for 60 s, leaves too little margin
+    over a 4 MB bound for bursts of large messages.
+    """
+    soft = max(32 * _MB, 4 * subscriber_backlog)
+    return f"pubsub {2 * soft} {soft} 30"
 
 
 class EmbeddedRedis:
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, subscriber_backlog: int = 4 * _MB) -> None:
         path = shutil.which(binary)
         if path is None:
             raise ConfigError(
@@ -37,6 +54,7 @@ class EmbeddedRedis:
                 "to a running server, e.g. redis://127.0.0.1:6379/0"
             )
         self.binary = path
+        self.subscriber_backlog = subscriber_backlog
         self.directory = Path(tempfile.mkdtemp(prefix="shoal-redis-"))
         self.socket = self.directory / "redis.sock"
         self.log = self.directory / "redis.log"
@@ -57,6 +75,7 @@ class EmbeddedRedis:
             "--dir", str(self.directory),
             "--logfile", str(self.log),
             "--daemonize", "no",
+            "--client-output-buffer-limit", pubsub_limit(self.subscriber_backlog),
         ]  # fmt: skip
         return os.posix_spawn(
             self.binary,

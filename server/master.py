@@ -160,7 +160,9 @@ class Master:
             for slot in range(server.worker_num):
                 self.listeners[slot] = listeners.open_listeners(server)
         if self.config.redis.embedded:
-            self.embedded = EmbeddedRedis(self.config.redis.server_bin)
+            self.embedded = EmbeddedRedis(
+                self.config.redis.server_bin, self.config.limits.subscriber_backlog
+            )
             self.redis_url = self.embedded.url
         try:
             if self.embedded is None:

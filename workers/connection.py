@@ -20,6 +20,7 @@ from shoal.core.schema import CloseCode
 
 if TYPE_CHECKING:
     from shoal.workers.hub import Hub
+    from shoal.workers.ratelimit import Allowance
     from shoal.workers.transport import WebSocket
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Connection:
 
     __slots__ = (
         "address",
+        "allowance",
         "busy",
         "channels",
         "closing",
@@ -98,6 +100,8 @@ class Connection:
         # connections never need one).
         self.inbox: collections.deque[Any] | None = None
         self.busy = False
+        # What it may still send (`limits.*`): made with its first message.
+        self.allowance: Allowance | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.user_id}>"

@@ -282,7 +282,15 @@ class Hub:
     async def _publish(
         self, channel: bytes, payload: bytes, exclude: app.Connection | None
     ) -> None:
-        self.bus.post(channel, envelope.message(payload, exclude.id if exclude else None))
+        bus = self.bus
+        bus.post(channel, envelope.message(payload, exclude.id if exclude else None))
+        if bus.congested:
+            # Backpressure: the message is on its way, but the handler that published it
+            # waits until Redis catches up, and the client's further messages wait
+            # unread meanwhile (`Sessions`), so that no client can publish faster than
+            # the slowest worker of the deployment reads.
+            counters.publish_waits += 1
+            await bus.relieved()
 
     def deliver(self, messages: list[tuple[bytes, bytes]]) -> None:
         """Deliver bus messages, all those of one read from Redis, to local recipients.

@@ -6,7 +6,14 @@ arrived. A handler starts in the read callback itself (`shoal.workers.eager`); o
 that has to wait (for Redis, say) gets a task, and the connection's next messages wait
 in its inbox meanwhile. A client whose inbox grows past `_INBOX_HIGH` messages is not
 read from until its handlers catch up (back to `_INBOX_LOW`): a flood from one client
-costs that client latency, not the worker its memory.
+costs that client latency, not the worker its memory. A publish that finds Redis behind
+(`shoal.core.bus`) makes its handler wait the same way, so a client publishes no faster
+than the slowest worker of the deployment reads.
+
+Rate limits (`limits.*`, `shoal.workers.ratelimit`) are checked as each message arrives,
+before it is handled or held: one over its connection's rate is answered
+`Rate limit exceeded` in its turn and has no effect, and sustained abuse closes the
+connection with 1008.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from shoal.workers.gate import Gate, refuse
 from shoal.workers.http import Route
 from shoal.workers.hub import Hub
 from shoal.workers.keeper import Departures, Keeper
+from shoal.workers.ratelimit import Allowance, Rates, Verdict
 from shoal.workers.transport import DEFER, Deferred, WebSocket
 
 logger = logging.getLogger(__name__)
@@ -43,6 +51,7 @@ logger = logging.getLogger(__name__)
 _INBOX_HIGH = 64
 _INBOX_LOW = 16
 _CLOSED = object()  # the inbox's last item: the connection is gone
+_RATE_LIMITED = {"type": "error", "message": "Rate limit exceeded"}
 
 
 class Sessions:
@@ -56,6 +65,7 @@ class Sessions:
         admission: its connection count.
         router: answers plain HTTP and refuses handshakes (`shoal.workers.http`).
         gate: who may connect (tokens, bans).
+        rates: what each connection may send (`limits.*`); None for no limit.
         log_connections: log a line when each connection opens and closes
             (`log.connections`).
     """
@@ -70,6 +80,7 @@ class Sessions:
         router: Route,
         gate: Gate,
         *,
+        rates: Rates | None = None,
         log_connections: bool = True,
     ) -> None:
         self.worker_id = worker_id
@@ -82,6 +93,7 @@ class Sessions:
         self.router = router
         self.gate = gate
         self.policy = hub.policy
+        self.rates = rates if rates is not None and rates.enabled else None
         self.log_connections = log_connections
         self.loop = asyncio.get_running_loop()
         # Connections whose opening handshake completed, with their Connection (None
@@ -231,6 +243,18 @@ class Sessions:
         conn: Connection | None = ws.session
         if conn is None:
             return  # being refused (an invalid user_id)
+        if self.rates is not None:
+            allowance = conn.allowance
+            if allowance is None:
+                allowance = conn.allowance = Allowance(self.rates, ws.last_seen)
+            # Payload bytes: a str's length is its size when it is ASCII (a flag CPython
+            # keeps, so no scan); only other text is encoded to be measured.
+            size = len(data) if type(data) is bytes or data.isascii() else len(data.encode())  # type: ignore[union-attr]
+            # The read's time (`last_seen`): no clock call per message.
+            verdict = allowance.take(size, ws.last_seen)
+            if verdict:
+                self._limited(conn, verdict)
+                return
         if conn.busy:
             if conn.hold(data) == _INBOX_HIGH:
                 ws.pause_reading()
@@ -321,7 +345,31 @@ class Sessions:
         item = inbox.popleft()
         if len(inbox) == _INBOX_LOW:
             conn.ws.resume_reading()
-        return self._forget(conn) if item is _CLOSED else self._dispatch(conn, item)
+        if item is _CLOSED:
+            return self._forget(conn)
+        if type(item) is Verdict:
+            return self._refuse(conn, item)
+        return self._dispatch(conn, item)
+
+    # Rate limits
+
+    def _limited(self, conn: Connection, verdict: Verdict) -> None:
+        """A message over the connection's rate: refuse it, in order with the replies
+        to what came before it, and close the connection on sustained abuse."""
+        counters.rate_limited += 1
+        if conn.closing:
+            return  # nothing more reaches a closing connection: no need to answer
+        if conn.busy:
+            if conn.hold(verdict) == _INBOX_HIGH:
+                conn.ws.pause_reading()
+            return
+        self._start(conn, self._refuse(conn, verdict))
+
+    @staticmethod
+    async def _refuse(conn: Connection, verdict: Verdict) -> None:
+        await conn.send(_RATE_LIMITED)
+        if verdict is Verdict.CLOSE:
+            conn.close_soon(CloseCode.POLICY_VIOLATION, _RATE_LIMITED["message"])
 
     # One connection's life
 

@@ -45,7 +45,7 @@ from shoal.core import loops, metrics, protocol
 from shoal.core import task as task_api
 from shoal.core.auth import Policy, RoomRule, select_subprotocol
 from shoal.core.backoff import full_jitter
-from shoal.core.bus import Bus
+from shoal.core.bus import Backlogs, Bus
 from shoal.core.errors import BootError, ConfigError, ServiceUnavailable
 from shoal.core.keys import Keys
 from shoal.core.placement import Placement as ChildPlacement
@@ -58,6 +58,7 @@ from shoal.workers.admission import Admission
 from shoal.workers.dispatcher import Tasks
 from shoal.workers.hub import Hub
 from shoal.workers.keeper import Keeper
+from shoal.workers.ratelimit import Rates
 from shoal.workers.sessions import Sessions
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,12 @@ class Worker:
             self._on_bus_messages,
             self._on_bus_state,
             self.timeouts,
+            Backlogs(
+                publish=config.limits.publish_backlog,
+                subscriber=config.limits.subscriber_backlog,
+                name=keys.bus_client(self.id),
+                peers=keys.bus_clients,
+            ),
         )
         self.tasks = Tasks(
             keys,
@@ -165,6 +172,7 @@ class Worker:
             self.admission,
             http.router(config.server.path, self._healthy, self._admit),
             self.gate,
+            rates=Rates.from_config(config.limits),
             log_connections=config.log.connections,
         )
         self.hub.on_departed = self.sessions.departed

@@ -114,11 +114,18 @@ def _shoal_available() -> str | None:
     return None
 
 
+_UNLIMITED = ("MESSAGES_PER_SECOND", "BYTES_PER_SECOND")
+
+
 def _shoal_spec(name: str, workers: int, port: int) -> ServerSpec:
     def command(echo: bool) -> list[str]:
         shoal = _tool("shoal") or "shoal"
         flags = ["--host", "127.0.0.1", "--port", str(port), "--worker-num", str(workers)]
-        return [shoal, "serve", *flags, "--log-level", "warning", *(["--app", "echo"] * echo)]
+        # The scenarios send faster than a chat client may (docs/bench.md#rate-limits);
+        # `env` execs shoal, so the sampled pid stays the server's.
+        unlimited = ["env", *(f"SHOAL_LIMITS__{key}=null" for key in _UNLIMITED)]
+        serve = [shoal, "serve", *flags, "--log-level", "warning"]
+        return [*unlimited, *serve, *(["--app", "echo"] * echo)]
 
     return ServerSpec(name, command(False), command(True), pinned=workers == 1)
 

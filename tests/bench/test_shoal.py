@@ -13,6 +13,13 @@ from shoal.bench.summary import EXIT_OK
 
 from support import SCALE, Shoal, wait_until
 
+
+@pytest.fixture
+def settings(settings: dict[str, Any]) -> dict[str, Any]:
+    # The scenarios send faster than a chat client may (docs/bench.md#rate-limits).
+    return {**settings, "limits": {"messages_per_second": None, "bytes_per_second": None}}
+
+
 _SHORT = ["--duration", "1", "--warmup", "0.2", "--processes", "2", "--drain", str(5 * SCALE)]
 
 

@@ -181,3 +181,14 @@ def test_allowed_origins_must_be_origins(tmp_path: Path) -> None:
         load(path, environ={})
     ok = write(tmp_path, "server: {allowed_origins: ['https://app.example.com:8443']}\n")
     assert load(ok, environ={}).server.allowed_origins == ("https://app.example.com:8443",)
+
+
+def test_a_byte_burst_below_the_largest_message_is_refused(tmp_path: Path) -> None:
+    """A message of `server.max_message_size` could never pass a smaller byte burst."""
+    path = write(tmp_path, "server: {max_message_size: 2097152}\n")
+    with pytest.raises(ConfigError, match=r"limits.bytes_burst \(1048576\) must be at least"):
+        load(path, environ={})
+    lifted = write(
+        tmp_path, "server: {max_message_size: 2097152}\nlimits: {bytes_per_second: null}\n"
+    )
+    assert load(lifted, environ={}).limits.bytes_per_second is None

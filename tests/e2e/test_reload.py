@@ -31,6 +31,8 @@ GRACE = 2.0
 @pytest.fixture
 def node(tmp_path: Path, settings: dict[str, Any]) -> Any:
     settings["server"]["reload_grace"] = GRACE
+    # The chatter sends as fast as its messages come back, faster than a chat client may.
+    settings["limits"] = {"messages_per_second": None}
     node = Shoal(tmp_path, settings).start()
     yield node
     node.stop()
