@@ -163,7 +163,13 @@ class Connection:
             return
         transport = self.transport
         assert transport is not None  # OPEN: the transport is there
-        transport.write(wire)
+        try:
+            transport.write(wire)
+        except RuntimeError:
+            # The peer reset the connection in this turn of the loop: uvloop closed the
+            # transport and calls `connection_lost` next. Nothing is lost by skipping it,
+            # and raising would cost the other recipients of a fan-out batch their copy.
+            return
         if transport.get_write_buffer_size() > self.hub.buffer_limit:
             self.cut_off()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -455,7 +456,7 @@ class WebSocket(asyncio.Protocol):
         if self.pending is not None:
             self.pending.append(frames)
         elif self.transport is not None:
-            self.transport.write(frames)
+            self._write(self.transport, frames)
 
     def send(self, payload: bytes, *, text: bool) -> None:
         """Send one message through the protocol (compressed if negotiated)."""
@@ -513,8 +514,16 @@ class WebSocket(asyncio.Protocol):
         send()."""
         transport = self.transport
         if transport is not None:
-            transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            self._write(transport, pending[0] if len(pending) == 1 else b"".join(pending))
         pending.clear()
+
+    @staticmethod
+    def _write(transport: asyncio.Transport, data: bytes) -> None:
+        """Write `data`, unless the peer reset the connection in this turn of the loop:
+        uvloop then closed the transport and calls `connection_lost` next, and a write
+        would raise RuntimeError into whoever wrote (a fan-out to other clients)."""
+        with contextlib.suppress(RuntimeError):
+            transport.write(data)
 
     def _send_data(self) -> None:
         transport = self.transport
@@ -527,7 +536,7 @@ class WebSocket(asyncio.Protocol):
                 if pending is not None:  # in order after what is held, and with it
                     pending.append(data)
                 else:
-                    transport.write(data)
+                    self._write(transport, data)
                 continue
             if pending:  # all that precedes the end of the stream goes first
                 self._flush(pending)
