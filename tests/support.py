@@ -42,6 +42,12 @@ FAST_REDIS = {
 }
 
 
+# Per-connection rate limits lifted (`limits.*`), for tests of other mechanisms that
+# need one client to send faster than the defaults allow (floods of the output buffer, the
+# inbox, the inflation budget).
+UNLIMITED = {"messages_per_second": None, "bytes_per_second": None}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from support import SCALE, Shoal, client
+from support import SCALE, UNLIMITED, Shoal, client
 
 
 def raw_websocket(port: int, path: str = "/ws", rcvbuf: int | None = None) -> socket.socket:
@@ -87,6 +87,7 @@ def tight_node(tmp_path: Path, settings: dict[str, Any]) -> Iterator[Shoal]:
     settings["server"].update(
         worker_num=1, buffer_output_size=256 * 1024, max_message_size=64 * 1024
     )
+    settings["limits"] = dict(UNLIMITED)  # its clients flood on purpose: the limit under test
     node = Shoal(tmp_path, settings).start()
     yield node
     node.stop()

@@ -15,7 +15,7 @@ from typing import Any
 
 from websockets.asyncio.client import connect
 
-from support import SCALE, Shoal, client
+from support import SCALE, UNLIMITED, Shoal, client
 
 SLOW_APP = """
 import asyncio
@@ -71,6 +71,7 @@ async def test_a_client_whose_handlers_are_behind_is_not_read_and_loses_nothing(
     (tmp_path / "slowapp.py").write_text(SLOW_APP)
     settings["app"] = {"module": "slowapp:app"}
     settings["server"]["worker_num"] = 1
+    settings["limits"] = dict(UNLIMITED)  # the inbox's bound is under test, not the rate
     node = Shoal(tmp_path, settings).start(app_path=tmp_path)
     try:
         async with connect(node.url(), max_size=None) as ws:
