@@ -229,11 +229,23 @@ class _Calls(ast.NodeVisitor):
         self.generic_visit(node)
 
 
+def _parse(path: Path) -> ast.Module:
+    """`ast.parse`, tried again once on a SystemError: before 3.11.8, CPython's AST
+    constructor keeps one recursion counter for every thread (gh-106905), so another
+    thread of the test process formatting a traceback at the same moment (3.11 parses
+    the source line to underline it) can make a correct parse fail."""
+    source = path.read_text()
+    try:
+        return ast.parse(source, str(path))
+    except SystemError:
+        return ast.parse(source, str(path))
+
+
 def module_log_calls(path: Path) -> list[LogCall]:
     """The log calls of one module, those of its logging helpers' callers included."""
     relative = path.relative_to(ROOT).as_posix()
     visitor = _Calls()
-    visitor.visit(ast.parse(path.read_text(), str(path)))
+    visitor.visit(_parse(path))
     found: list[LogCall] = []
     # Helpers that log a parameter: name -> (its position in a call, its name, the level,
     # whether the helper's log call formats it).
