@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, overload
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed as WebSocketClosed
@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 QueuePolicy = Literal["raise", "drop_oldest"]
 Callback = Callable[[Any], Any]
 """A sync function or a coroutine function of one argument (the event's payload)."""
+_C = TypeVar("_C", bound=Callback)
 
 EVENTS = frozenset(
     {"connected", "disconnected", "reconnecting", "reconnected", "message", "binary", "error"}
@@ -225,11 +226,12 @@ class PersistentClient:
         self.queue_policy: QueuePolicy = queue_policy
         self.request_timeout = request_timeout
         self._connect_options: dict[str, Any] = {
-            "ssl": ssl,
             "additional_headers": wire.handshake_headers(headers, token),
             "subprotocols": [Subprotocol(p) for p in subprotocols or ()] or None,
             "open_timeout": open_timeout,
         }
+        if ssl is not None:  # websockets' asyncio client takes ssl=None as "no TLS"
+            self._connect_options["ssl"] = ssl
         self._clock = clock
         self._sleep = sleep
         self._state = State.IDLE
@@ -252,7 +254,13 @@ class PersistentClient:
 
     # The application's side
 
-    def on(self, event: str, callback: Callback | None = None) -> Any:
+    @overload
+    def on(self, event: str) -> Callable[[_C], _C]: ...
+
+    @overload
+    def on(self, event: str, callback: _C) -> _C: ...
+
+    def on(self, event: str, callback: _C | None = None) -> _C | Callable[[_C], _C]:
         """Call `callback` on `event`; usable as a decorator (`@client.on("joined_room")`).
 
         Events: `connected` (`Connected`), `disconnected` (`Disconnected`), `reconnecting`
@@ -266,7 +274,11 @@ class PersistentClient:
         function is awaited. One that raises is reported to the `error` callbacks.
         """
         if callback is None:
-            return lambda function: self.on(event, function)
+
+            def register(function: _C) -> _C:
+                return self.on(event, function)
+
+            return register
         self._handlers.setdefault(event, []).append(callback)
         return callback
 

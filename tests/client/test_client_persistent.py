@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -41,7 +42,10 @@ class Recorder:
     def __init__(self, pc: PersistentClient) -> None:
         self.events: list[tuple[str, Any]] = []
         for name in EVENTS:
-            pc.on(name, lambda payload, name=name: self.events.append((name, payload)))
+            pc.on(name, functools.partial(self.record, name))
+
+    def record(self, name: str, payload: Any) -> None:
+        self.events.append((name, payload))
 
     def all(self, name: str) -> list[Any]:
         return [payload for event, payload in self.events if event == name]
