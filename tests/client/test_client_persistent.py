@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from shoal.client import (
     Disconnected,
     ErrorReply,
     GaveUp,
+    HandshakeRefused,
     PersistentClient,
     QueueFull,
     Reconnected,
@@ -285,3 +287,26 @@ async def test_request_matches_replies_and_task_results_by_id(chat: Shoal) -> No
     await pc.close()
     with pytest.raises(ConnectionClosed):
         await pc.request({"type": "ping"}, "echo")
+
+
+async def test_a_full_server_is_retried_until_it_has_room(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    """503 (server.max_connection reached) is worth retrying, unlike 401 or 403."""
+    settings["server"]["max_connection"] = 1
+    node = Shoal(tmp_path, settings).start()
+    try:
+        pc = PersistentClient(node.url("second"), reconnect_delay=0.05, max_delay=0.2)
+        events = Recorder(pc)
+        async with client(node.url("first")):
+            await pc.start(wait=False)
+            await events.wait("reconnecting", count=2)
+        await events.wait("connected", timeout=15)
+        refusals = [r.cause for r in events.all("reconnecting")]
+        assert refusals and all(
+            isinstance(c, HandshakeRefused) and c.status == 503 for c in refusals
+        )
+        assert pc.connected
+        await pc.close()
+    finally:
+        node.stop()
