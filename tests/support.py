@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -11,6 +12,7 @@ import resource
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -424,6 +426,44 @@ class FakeMaster:
         if self.process.poll() is None:
             self.process.kill()
         self.process.communicate()
+
+
+def upgrade_request(path: str) -> bytes:
+    """A WebSocket upgrade request for `path`, as a hand-made client sends it."""
+    key = base64.b64encode(os.urandom(16))
+    return (
+        b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+
+
+def masked_frame(payload: bytes) -> bytes:
+    """One client text frame (masked, as RFC 6455 requires of clients)."""
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        head = bytes([0x81, 0x80 | length])
+    elif length < 65536:
+        head = bytes([0x81, 0x80 | 126]) + struct.pack("!H", length)
+    else:
+        head = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", length)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def pipelined_hello(port: int, path: str) -> bytes:
+    """Send an upgrade request and a `{"type":"hello"}` frame in one packet, as a client
+    that does not wait for the 101 does; return what came back until its echo."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5 * SCALE) as sock:
+        sock.sendall(upgrade_request(path) + masked_frame(b'{"type":"hello"}'))
+        data = b""
+        with contextlib.suppress(TimeoutError):
+            while b'"echo"' not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    return data
 
 
 class Client:

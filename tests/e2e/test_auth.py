@@ -3,11 +3,8 @@ plain `websockets` clients and tokens signed here with PyJWT."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
-import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +16,16 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from support import FAST_REDIS, SCALE, Client, RedisServer, Shoal, eventually, scrape, wait_until
+from support import (
+    FAST_REDIS,
+    Client,
+    RedisServer,
+    Shoal,
+    eventually,
+    pipelined_hello,
+    scrape,
+    wait_until,
+)
 
 SECRET = "a-test-secret-long-enough-for-hs512-too-0123456789abcdefghijklmnop"
 OTHER_SECRET = "another-secret-long-enough-for-hs512-too-0123456789abcdefghijklmn"
@@ -324,27 +330,7 @@ def test_frames_pipelined_with_a_deferred_handshake_are_handled(node: Shoal) -> 
     """With authentication on, the handshake waits for the ban check in Redis; frames the
     client sent in the same packet as its request are held, then handled in order after
     the 101, as without authentication."""
-    key = base64.b64encode(os.urandom(16))
-    upgrade = (
-        f"GET /ws?token={token('pip')} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: "
-        + key.decode()
-        + "\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-    mask = os.urandom(4)
-    body = b'{"type":"hello"}'
-    frame = (
-        bytes([0x81, 0x80 | len(body)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(body))
-    )
-    with socket.create_connection(("127.0.0.1", node.port), timeout=5 * SCALE) as sock:
-        sock.sendall(upgrade + frame)
-        data = b""
-        with contextlib.suppress(TimeoutError):
-            while b'"echo"' not in data:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+    data = pipelined_hello(node.port, f"/ws?token={token('pip')}")
     assert data.startswith(b"HTTP/1.1 101")
     assert b'"authenticated"' in data and b'{"type":"echo","data":{"type":"hello"}}' in data
     assert data.index(b'"authenticated"') < data.index(b'"echo"')

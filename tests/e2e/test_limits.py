@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -15,7 +13,7 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from support import SCALE, UNLIMITED, Shoal, client
+from support import SCALE, UNLIMITED, Shoal, client, masked_frame, upgrade_request
 
 
 def raw_websocket(port: int, path: str = "/ws", rcvbuf: int | None = None) -> socket.socket:
@@ -25,13 +23,7 @@ def raw_websocket(port: int, path: str = "/ws", rcvbuf: int | None = None) -> so
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16))
-    sock.sendall(
-        b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: "
-        + key
-        + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
+    sock.sendall(upgrade_request(path))
     head = b""
     while b"\r\n\r\n" not in head:
         head += sock.recv(1)
@@ -66,19 +58,6 @@ def read_close_code(sock: socket.socket, timeout: float) -> int:
         if opcode == 0x8:
             return int(struct.unpack("!H", buffer[offset : offset + 2])[0])
         buffer = buffer[offset + length :]
-
-
-def masked_frame(payload: bytes) -> bytes:
-    """One client text frame (masked, as RFC 6455 requires of clients)."""
-    mask = os.urandom(4)
-    length = len(payload)
-    if length < 126:
-        head = bytes([0x81, 0x80 | length])
-    elif length < 65536:
-        head = bytes([0x81, 0x80 | 126]) + struct.pack("!H", length)
-    else:
-        head = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", length)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 @pytest.fixture

@@ -4,10 +4,7 @@ compression, and clients that pipeline their first frames with the handshake."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -15,7 +12,7 @@ from typing import Any
 
 from websockets.asyncio.client import connect
 
-from support import SCALE, UNLIMITED, Shoal, client
+from support import SCALE, UNLIMITED, Shoal, client, pipelined_hello
 
 SLOW_APP = """
 import asyncio
@@ -123,26 +120,7 @@ async def test_permessage_deflate_both_ways(tmp_path: Path, settings: dict[str, 
 
 def test_frames_pipelined_with_the_handshake_are_handled(shoal: Shoal) -> None:
     """A client may send its first frames in the same packet as its upgrade request."""
-    key = base64.b64encode(os.urandom(16))
-    upgrade = (
-        b"GET /ws?user_id=pip HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
-        b"Sec-WebSocket-Version: 13\r\n\r\n"
-    )
-    mask = os.urandom(4)
-    body = b'{"type":"hello"}'
-    frame = (
-        bytes([0x81, 0x80 | len(body)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(body))
-    )
-    with socket.create_connection(("127.0.0.1", shoal.port), timeout=5 * SCALE) as sock:
-        sock.sendall(upgrade + frame)
-        data = b""
-        with contextlib.suppress(TimeoutError):
-            while b'"echo"' not in data:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+    data = pipelined_hello(shoal.port, "/ws?user_id=pip")
     assert data.startswith(b"HTTP/1.1 101")
     assert b'"welcome"' in data and b'{"type":"echo","data":{"type":"hello"}}' in data
     assert data.index(b'"welcome"') < data.index(b'"echo"')
