@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -330,5 +330,3 @@ class Policy:
 
 OPEN_POLICY = Policy({})
 """Every role may do everything: an application's view before a worker sets its policy."""
-
-TokenCheck = Callable[[str], Identity]

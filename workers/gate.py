@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 from websockets.headers import parse_subprotocol
-from websockets.http11 import Request, Response
+from websockets.http11 import Request
 
 from shoal.config.model import AuthConfig
 from shoal.core import auth
@@ -30,7 +30,6 @@ from shoal.core.backoff import full_jitter
 from shoal.core.errors import ServiceUnavailable
 from shoal.core.keys import Keys
 from shoal.workers.addresses import Addresses
-from shoal.workers.transport import WebSocket
 
 logger = logging.getLogger(__name__)
 
@@ -199,19 +198,6 @@ def _fetch(url: str) -> Mapping[str, Any]:
     if not isinstance(document, dict):
         raise ValueError("the JWKS is not a JSON object")
     return document
-
-
-def refuse(ws: WebSocket, status: int, body: Mapping[str, Any], **headers: str) -> Response:
-    """A handshake refused with `status` and a short JSON body."""
-    response = ws.protocol.reject(status, "")
-    payload = orjson.dumps(body) + b"\n"
-    response.body = payload
-    del response.headers["Content-Type"], response.headers["Content-Length"]
-    response.headers["Content-Type"] = "application/json"
-    response.headers["Content-Length"] = str(len(payload))
-    for name, value in headers.items():
-        response.headers[name.replace("_", "-")] = value
-    return response
 
 
 def seconds_until(epoch: int) -> str:

@@ -10,7 +10,7 @@ the admin listener, which listens on localhost unless told otherwise."""
 from __future__ import annotations
 
 import http
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -60,8 +60,18 @@ def router(
 def _health(ws: WebSocket, healthy: bool, details: dict[str, Any]) -> Response:
     """`/healthz`: 200 `{"status": "ok", **details}`, or 503 with the status."""
     status = http.HTTPStatus.OK if healthy else http.HTTPStatus.SERVICE_UNAVAILABLE
-    body = {"status": "ok" if healthy else "redis unreachable", **details}
-    return _answer(ws.protocol.reject(status, ""), orjson.dumps(body) + b"\n", "application/json")
+    return json_response(ws, status, {"status": "ok" if healthy else "redis unreachable",
+                                      **details})  # fmt: skip
+
+
+def json_response(ws: WebSocket, status: int, body: Mapping[str, Any], **headers: str) -> Response:
+    """An HTTP answer of `status` with a short JSON body (a refused handshake, `/healthz`);
+    each keyword is a header, `_` written `-` (`Retry_After="5"`)."""
+    response = _answer(ws.protocol.reject(status, ""), orjson.dumps(body) + b"\n",
+                       "application/json")  # fmt: skip
+    for name, value in headers.items():
+        response.headers[name.replace("_", "-")] = value
+    return response
 
 
 class Admin:

@@ -39,8 +39,8 @@ from shoal.workers import eager
 from shoal.workers.addresses import counted_as
 from shoal.workers.admission import Admission
 from shoal.workers.connection import Connection
-from shoal.workers.gate import Gate, refuse
-from shoal.workers.http import Route
+from shoal.workers.gate import Gate
+from shoal.workers.http import Route, json_response
 from shoal.workers.hub import Hub
 from shoal.workers.keeper import Departures, Keeper
 from shoal.workers.ratelimit import Allowance, Rates, Verdict
@@ -121,10 +121,10 @@ class Sessions:
         except Unauthorized as exc:
             counters.handshakes_refused["unauthorized"] += 1
             body = {"error": "unauthorized", "reason": str(exc)}
-            return refuse(ws, http.HTTPStatus.UNAUTHORIZED, body, WWW_Authenticate="Bearer")
+            return json_response(ws, http.HTTPStatus.UNAUTHORIZED, body, WWW_Authenticate="Bearer")
         except ProtocolError as exc:
             counters.handshakes_refused["invalid"] += 1
-            return refuse(ws, http.HTTPStatus.BAD_REQUEST, {"error": "bad request",
+            return json_response(ws, http.HTTPStatus.BAD_REQUEST, {"error": "bad request",
                                                              "reason": str(exc)})  # fmt: skip
         except ServiceUnavailable as exc:
             return self._unavailable(ws, str(exc))
@@ -161,7 +161,7 @@ class Sessions:
             ws.respond(None)
             return
         counters.handshakes_refused[refusal.label] += 1
-        ws.respond(refuse(ws, refusal.status, refusal.body, Retry_After=refusal.retry_after))
+        ws.respond(json_response(ws, refusal.status, refusal.body, Retry_After=refusal.retry_after))
 
     def _release(self, ip: str, cid: str) -> None:
         """Give back the address slot `cid` held; if Redis fails, the keeper retries."""
@@ -180,7 +180,7 @@ class Sessions:
     def _unavailable(ws: WebSocket, reason: str) -> Response:
         counters.handshakes_refused["unavailable"] += 1
         body = {"error": "unavailable", "reason": reason}
-        return refuse(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, body, Retry_After="1")
+        return json_response(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, body, Retry_After="1")
 
     def opened(self, ws: WebSocket, request: Request) -> None:
         self.handshaking.discard(ws)
