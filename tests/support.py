@@ -28,6 +28,8 @@ import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.frames import Frame
+from websockets.streams import StreamReader
 
 from shoal.core import schema
 
@@ -449,6 +451,25 @@ def masked_frame(payload: bytes) -> bytes:
     else:
         head = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", length)
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def websockets_frames(wire: bytes, max_size: int) -> list[tuple[Frame, int]]:
+    """The frames websockets' own parser reads from the start of `wire` (as a server: masked
+    frames only, at most `max_size` bytes), with the offset after each, up to the first
+    frame it cannot read whole or refuses."""
+    reader = StreamReader()
+    reader.feed_data(wire)
+    reader.feed_eof()
+    frames: list[tuple[Frame, int]] = []
+    while reader.buffer:
+        parser = Frame.parse(reader.read_exact, mask=True, max_size=max_size)
+        try:
+            next(parser)
+        except StopIteration as done:
+            frames.append((done.value, len(wire) - len(reader.buffer)))
+        except Exception:  # cut short (EOFError) or refused: the stream ends there
+            break
+    return frames
 
 
 def pipelined_hello(port: int, path: str) -> bytes:

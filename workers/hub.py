@@ -229,9 +229,7 @@ class Hub:
         if not connections:
             return 0
         payload = protocol.encode(message)
-        by_worker: dict[str, list[str]] = {}
-        for cid, wid in connections.items():
-            by_worker.setdefault(wid, []).append(cid)
+        by_worker = _by_worker(connections)
         mine = by_worker.pop(self.worker_id, ())
         if mine:
             wire = protocol.frame(payload)
@@ -251,9 +249,7 @@ class Hub:
         close each with `code` and `reason`. Returns how many it had (0: none)."""
         connections = await self.registry.user_connections(user_id)
         payload = protocol.encode(message)
-        by_worker: dict[str, list[str]] = {}
-        for cid, wid in connections.items():
-            by_worker.setdefault(wid, []).append(cid)
+        by_worker = _by_worker(connections)
         mine = by_worker.pop(self.worker_id, None)
         if mine:
             self._disconnect(mine, payload, code, reason)
@@ -342,6 +338,14 @@ class Hub:
     async def user_connections(self, user_id: str) -> int:
         """How many connections `user_id` has open, across workers and nodes."""
         return len(await self.registry.user_connections(user_id))
+
+
+def _by_worker(connections: Mapping[str, str]) -> dict[str, list[str]]:
+    """A user's connections (connection id -> worker id) grouped by worker."""
+    grouped: dict[str, list[str]] = {}
+    for cid, wid in connections.items():
+        grouped.setdefault(wid, []).append(cid)
+    return grouped
 
 
 @dataclass(slots=True)

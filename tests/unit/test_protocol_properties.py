@@ -29,6 +29,8 @@ from shoal.core import envelope, protocol, schema
 from shoal.core.envelope import Departed, Message, TaskDone
 from shoal.core.errors import EnvelopeError, ProtocolError
 
+from support import websockets_frames
+
 PARSE_ERRORS = {protocol.INVALID_FORMAT, protocol.TOO_DEEP}
 # The encoder (orjson) refuses integers outside these; the parser reads them as floats.
 INT_MIN, INT_MAX = -(2**63), 2**64 - 1
@@ -455,25 +457,6 @@ def client_frames(draw: st.DrawFn) -> bytes:
 frame_streams = st.lists(client_frames(), min_size=1, max_size=5).map(b"".join)
 
 
-def websockets_frames(wire: bytes) -> list[tuple[Frame, int]]:
-    """The frames websockets' own parser reads from the start of `wire` (as a server: masked
-    frames only, at most MAX_SIZE bytes), with the offset after each, up to the first frame
-    it cannot read whole or refuses."""
-    reader = StreamReader()
-    reader.feed_data(wire)
-    reader.feed_eof()
-    frames: list[tuple[Frame, int]] = []
-    while reader.buffer:
-        parser = Frame.parse(reader.read_exact, mask=True, max_size=MAX_SIZE)
-        try:
-            next(parser)
-        except StopIteration as done:
-            frames.append((done.value, len(wire) - len(reader.buffer)))
-        except Exception:  # cut short (EOFError) or refused: the stream ends there
-            break
-    return frames
-
-
 @given(frame_streams, st.data())
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 def test_whole_messages_agrees_with_websockets(wire: bytes, data: st.DataObject) -> None:
@@ -482,7 +465,7 @@ def test_whole_messages_agrees_with_websockets(wire: bytes, data: st.DataObject)
     cut = data.draw(st.integers(0, len(wire)))
     for stream in (wire, wire[:cut]):
         expected = []
-        for frame, stop in websockets_frames(stream):
+        for frame, stop in websockets_frames(stream, MAX_SIZE):
             plain = frame.fin and not (frame.rsv1 or frame.rsv2 or frame.rsv3)
             if not plain or frame.opcode not in (Opcode.TEXT, Opcode.BINARY):
                 break

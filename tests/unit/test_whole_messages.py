@@ -11,9 +11,10 @@ import random
 
 import pytest
 from websockets.frames import Frame, Opcode
-from websockets.streams import StreamReader
 
 from shoal.core import protocol
+
+from support import websockets_frames
 
 MAX_SIZE = 70_000
 
@@ -27,28 +28,10 @@ def client_frame(
     return bytes([wire[0] | 0x40]) + wire[1:] if rsv1 else wire
 
 
-def websockets_frames(wire: bytes) -> list[tuple[Frame, int]]:
-    """Every frame websockets' parser reads from `wire`, with the offset after each; it
-    stops at the first incomplete or invalid frame."""
-    reader = StreamReader()
-    reader.feed_data(wire)
-    reader.feed_eof()
-    frames: list[tuple[Frame, int]] = []
-    while reader.buffer:
-        parser = Frame.parse(reader.read_exact, mask=True, max_size=MAX_SIZE)
-        try:
-            next(parser)
-        except StopIteration as done:
-            frames.append((done.value, len(wire) - len(reader.buffer)))
-        except Exception:  # incomplete (EOFError) or refused (ProtocolError, too big)
-            break
-    return frames
-
-
 def fast_path_prefix(wire: bytes) -> list[tuple[bool, bytes, int]]:
     """What the fast path should return: websockets' leading plain whole messages."""
     expected = []
-    for frame, stop in websockets_frames(wire):
+    for frame, stop in websockets_frames(wire, MAX_SIZE):
         plain = frame.fin and not (frame.rsv1 or frame.rsv2 or frame.rsv3)
         if not plain or frame.opcode not in (Opcode.TEXT, Opcode.BINARY):
             break
