@@ -423,6 +423,94 @@ class AuthConfig(_Section):
         return self.jwt is not None
 
 
+_APP_ID = re.compile(r"[0-9]{1,20}")
+_APP_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class PusherAppConfig(_Section):
+    """One application of the Pusher-compatible endpoint (docs/pusher.md).
+
+    `id` is what the server libraries put in `/apps/{id}/...`, `key` what clients put in
+    `/app/{key}`, and the secret signs both ends' requests: give it as `secret` or name
+    the environment variable that holds it (`secret_env`).
+    """
+
+    id: str
+    key: str
+    secret: str | None = None
+    secret_env: str | None = None
+    enabled: bool = True
+    max_connections: PositiveInt | None = None
+    client_events: Literal["off", "members"] = "members"
+    client_events_per_second: PositiveInt = 10
+    max_event_bytes: PositiveInt = 10 * 1024
+    max_presence_members: PositiveInt = 100
+    max_presence_member_bytes: PositiveInt = 2 * 1024
+    allowed_origins: tuple[str, ...] | None = None
+    activity_timeout: Annotated[int, Field(ge=5, le=3600)] = 30
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _APP_ID.fullmatch(value):
+            raise ValueError("an app id is 1-20 digits (the server libraries require digits)")
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if not _APP_KEY.fullmatch(value):
+            raise ValueError("an app key is 1-64 letters, digits, _ or -")
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for origin in value or ():
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
+        return value
+
+    @model_validator(mode="after")
+    def _secret(self) -> PusherAppConfig:
+        if (self.secret is None) == (self.secret_env is None):
+            raise ValueError("give exactly one of secret, secret_env")
+        if self.secret_env is not None and not os.environ.get(self.secret_env):
+            raise ValueError(f"secret_env: the environment has no {self.secret_env}")
+        if len(self.secret_value()) < 16:
+            raise ValueError("secret: use at least 16 characters")
+        return self
+
+    def secret_value(self) -> str:
+        """The app's secret, from the config or the environment variable it names."""
+        if self.secret_env is not None:
+            return os.environ.get(self.secret_env, "")
+        return self.secret or ""
+
+
+class PusherConfig(_Section):
+    """The Pusher-compatible endpoint: `/app/{key}` for clients, `/apps/{id}/...` for the
+    HTTP API, on the WebSocket port. Off while `apps` is empty."""
+
+    apps: tuple[PusherAppConfig, ...] = ()
+
+    @field_validator("apps")
+    @classmethod
+    def _unique(cls, value: tuple[PusherAppConfig, ...]) -> tuple[PusherAppConfig, ...]:
+        for attribute in ("id", "key"):
+            seen: set[str] = set()
+            for app in value:
+                name = getattr(app, attribute)
+                if name in seen:
+                    raise ValueError(f"two apps have the {attribute} {name!r}")
+                seen.add(name)
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.apps)
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
@@ -431,6 +519,7 @@ class Config(_Section):
     tasks: TasksConfig = Field(default_factory=TasksConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    pusher: PusherConfig = Field(default_factory=PusherConfig)
 
     @model_validator(mode="after")
     def _limits(self) -> Config:

@@ -27,7 +27,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from shoal.core import envelope, protocol
+from shoal.core import envelope, protocol, pushstate
 from shoal.core.keys import Keys, TopicKind
 
 Sendable = Mapping[str, Any] | str | bytes
@@ -179,6 +179,21 @@ class AsyncEmitter:
         """
         data = envelope.departed((user, list(rooms)) for user, rooms in users)
         await self.redis.publish(self.keys.bus_worker(worker_id), data)
+
+    async def tell_left(self, lefts: Iterable[pushstate.Left]) -> None:
+        """Announce presence members that left with subscriptions a cleanup removed
+        (`pusher_internal:member_removed` on their channels, on every node).
+
+        Raises:
+            redis.RedisError: as `AsyncTarget.send`.
+        """
+        notices = [n for left in lefts if (n := pushstate.removed_notice(self.keys, left))]
+        if not notices:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for channel, data in notices:
+                pipe.publish(channel, data)
+            await pipe.execute()
 
     async def close(self) -> None:
         await self.redis.aclose()

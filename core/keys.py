@@ -5,7 +5,7 @@ one Redis never see each other. The layout (also in docs/architecture.md):
 
 | key | type | holds |
 |---|---|---|
-| `P:conn:<cid>` | hash | `worker`, `node`, `user`, `addr`, `at` (ms), `meta` (JSON), and one field per room (`r:<name>`) and channel (`c:<name>`) the connection is in |
+| `P:conn:<cid>` | hash | `worker`, `node`, `user`, `addr`, `at` (ms), `meta` (JSON), and one field per room (`r:<name>`) and channel (`c:<name>`) the connection is in, and per Pusher channel (`p:<app>:<channel>`, whose value is the presence member's user id, or `""`) |
 | `P:room:<name>` | hash | member connection id -> user id |
 | `P:chan:<name>` | hash | subscriber connection id -> user id |
 | `P:roomusers:<name>` / `P:chanusers:<name>` | hash | user id -> that user's connections in the room (distinct members = HLEN) |
@@ -19,6 +19,10 @@ one Redis never see each other. The layout (also in docs/architecture.md):
 | `P:addr:{<ip>}` | hash | connection id -> worker id, for every connection (or handshake under way) of one client address, with `limits.connections_per_ip` on (an IPv6 client counts per /64) |
 | `P:addrpace:{<ip>}` | string, TTL | the address's new-connection pace with `limits.connections_per_ip_per_minute` on: when (ms) its allowance is next whole (GCRA) |
 | `P:waddrs:<wid>` | hash | connection id -> client address, for every slot of `P:addr:*` a worker holds: what a sweep gives back when the worker dies |
+| `P:push:<app>:<channel>` | hash | subscriber connection id -> `""`, or on a presence channel the member as JSON `[user_id, user_info]` (Pusher endpoint) |
+| `P:pushusers:<app>:<channel>` | hash | presence member user id -> that member's connections in the channel |
+| `P:pushchans:<app>` | hash | channel -> its subscriptions, for every occupied channel of one Pusher app |
+| `P:pushcache:<app>:<channel>` | string, TTL | the last event published on a cache channel, as sent |
 | `P:task:<id>` | hash, TTL | a job's `attempts` once started, then its outcome: `state` (`done`/`failed`), `body` (msgpack), `name`, `conn`, `user` |
 
 | channel | carries |
@@ -26,6 +30,7 @@ one Redis never see each other. The layout (also in docs/architecture.md):
 | `P:bus:all` | global broadcasts; every worker subscribes |
 | `P:bus:w:<wid>` | messages for given connections on one worker |
 | `P:bus:room:<name>` / `P:bus:chan:<name>` | room and channel messages; only workers with local members subscribe |
+| `P:bus:push:<app>:<channel>` | events of one Pusher channel; likewise |
 
 Each worker names its subscriber connection `P:sub:<wid>` (CLIENT SETNAME), so that every
 worker can read the backlogs Redis holds for the deployment's subscribers.
@@ -41,6 +46,7 @@ from enum import Enum
 
 ROOM_FIELD = "r:"
 CHANNEL_FIELD = "c:"
+PUSHER_FIELD = "p:"
 
 
 class TopicKind(Enum):
@@ -98,6 +104,21 @@ class Keys:
 
     def task(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"
+
+    def pusher_topic(self, app: str, channel: str) -> str:
+        return f"{self.prefix}:push:{app}:{channel}"
+
+    def pusher_members(self, app: str, channel: str) -> str:
+        return f"{self.prefix}:pushusers:{app}:{channel}"
+
+    def pusher_channels(self, app: str) -> str:
+        return f"{self.prefix}:pushchans:{app}"
+
+    def pusher_cache(self, app: str, channel: str) -> str:
+        return f"{self.prefix}:pushcache:{app}:{channel}"
+
+    def bus_pusher(self, app: str, channel: str) -> bytes:
+        return f"{self.prefix}:bus:push:{app}:{channel}".encode()
 
     def bus_worker(self, wid: str) -> bytes:
         return f"{self.prefix}:bus:w:{wid}".encode()

@@ -19,7 +19,8 @@ from typing import Any
 
 import orjson
 
-from shoal.core.keys import CHANNEL_FIELD, ROOM_FIELD, Keys, TopicKind
+from shoal.core import pushstate
+from shoal.core.keys import CHANNEL_FIELD, PUSHER_FIELD, ROOM_FIELD, Keys, TopicKind
 from shoal.core.resp import Client, RedisAddress, Timeouts
 from shoal.core.schema import PresenceEntry
 
@@ -76,14 +77,18 @@ class Snapshot:
     channels: Iterable[str] = ()
     address: str | None = None
     """The client address whose slot it holds (`limits.connections_per_ip`), if any."""
+    pushed: Iterable[tuple[str, str, str, Any]] = ()
+    """Its Pusher subscriptions: (app, channel, presence member or "", user_info)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Departure:
-    """A connection a cleanup removed: whose it was and which rooms it was in."""
+    """A connection a cleanup removed: whose it was, which rooms it was in, and the
+    Pusher subscriptions it had, with what removing each changed."""
 
     user: str
     rooms: tuple[str, ...]
+    pushed: tuple[pushstate.Left, ...] = ()
 
 
 @dataclass(slots=True)
@@ -142,6 +147,10 @@ class Registry:
             for name in names:
                 commands.append(("HSET", keys.topic(kind, name), cid, snapshot.user))
                 commands.append(("HINCRBY", keys.topic_users(kind, name), snapshot.user, 1))
+        for app, channel, member, info in snapshot.pushed:
+            commands += pushstate.subscribe_commands(
+                keys, app, channel, cid, member=member, info=info
+            )
         commands += [
             ("HSET", keys.user(snapshot.user), cid, self.worker_id),
             ("HSET", keys.worker_conns(self.worker_id), cid, snapshot.user),
@@ -149,9 +158,9 @@ class Registry:
         ]
         return commands
 
-    async def remove_connection(self, cid: str) -> bool:
-        """Remove a connection and every trace of it. False if it was already gone."""
-        return await remove_connection(self.redis, self.keys, cid) is not None
+    async def remove_connection(self, cid: str) -> Departure | None:
+        """Remove a connection and every trace of it. None if it was already gone."""
+        return await remove_connection(self.redis, self.keys, cid)
 
     async def join(
         self, kind: TopicKind, name: str, cid: str, user: str, limit: int | None = None
@@ -358,12 +367,19 @@ async def remove_connection(client: Client, keys: Keys, cid: str) -> Departure |
     user = record["user"]
     commands: list[Command] = []
     rooms = []
-    for name in record:
+    # Pusher subscriptions: (app, channel, member, where their replies end).
+    pushed: list[tuple[str, str, str, int]] = []
+    for name, value in record.items():
         if name.startswith(ROOM_FIELD):
             kind, topic = TopicKind.ROOM, name[len(ROOM_FIELD) :]
             rooms.append(topic)
         elif name.startswith(CHANNEL_FIELD):
             kind, topic = TopicKind.CHANNEL, name[len(CHANNEL_FIELD) :]
+        elif name.startswith(PUSHER_FIELD):
+            app, channel = pushstate.parse_field(name)
+            commands += pushstate.unsubscribe_commands(keys, app, channel, cid, value, own=False)
+            pushed.append((app, channel, value, len(commands)))
+            continue
         else:
             continue
         commands.append(("HDEL", keys.topic(kind, topic), cid))
@@ -373,8 +389,12 @@ async def remove_connection(client: Client, keys: Keys, cid: str) -> Departure |
         ("HDEL", keys.worker_conns(record.get("worker", "")), cid),
         ("EVAL", _DECR_USER, 1, keys.users, user),
     ]
-    await client.pipeline(commands)
-    return Departure(user, tuple(rooms))
+    replies = await client.pipeline(commands)
+    left = tuple(
+        pushstate.Left(app, channel, member, pushstate.change(replies[:end], member))
+        for app, channel, member, end in pushed
+    )
+    return Departure(user, tuple(rooms), left)
 
 
 async def forget_worker(

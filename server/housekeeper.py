@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import redis
 import uvloop
 
-from shoal.core import loops, metrics
+from shoal.core import loops, metrics, pushstate
 from shoal.core.backoff import full_jitter
 from shoal.core.emitter import AsyncEmitter
 from shoal.core.errors import ServiceUnavailable
@@ -62,6 +62,9 @@ class Housekeeper:
         self.emitter = AsyncEmitter(placement.redis_url, config.redis.prefix)
         self.dead: list[str] = []
         self.untold: list[Departure] = []
+        # Pusher subscriptions the clean-ups removed, whose presence channels are to hear
+        # of members that left (`pushstate.removed_notice`).
+        self.unannounced: list[pushstate.Left] = []
         self.stopping = asyncio.Event()
         self.work = asyncio.Event()
         self._partial = b""
@@ -108,14 +111,17 @@ class Housekeeper:
         """Forget dead workers and tell departures, retrying until Redis answers."""
         attempt = 0
         while True:
-            if not (self.dead or self.untold):
+            if not (self.dead or self.untold or self.unannounced):
                 await self.work.wait()
             self.work.clear()
             try:
                 while self.dead:
                     wid = self.dead[0]
-                    self.untold += await self.registry.forget_worker(wid)
+                    self._departed(await self.registry.forget_worker(wid))
                     self.dead.pop(0)
+                if self.unannounced:
+                    await self.emitter.tell_left(self.unannounced)
+                    self.unannounced = []
                 if self.untold:
                     await self._tell()
                 attempt = 0
@@ -169,8 +175,13 @@ class Housekeeper:
                 continue
             if swept:
                 logger.info("swept state of dead workers: %s", ", ".join(swept))
-                self.untold += [d for departed in swept.values() for d in departed]
+                self._departed([d for departed in swept.values() for d in departed])
                 self.work.set()
+
+    def _departed(self, departures: list[Departure]) -> None:
+        """Connections a clean-up removed: their rooms and presence channels are to hear."""
+        self.untold += departures
+        self.unannounced += [left for departure in departures for left in departure.pushed]
 
 
 def run(placement: Placement) -> int:

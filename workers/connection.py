@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.protocol import OPEN
 
-from shoal.core import protocol
+from shoal.core import protocol, pusher
 from shoal.core.auth import Identity, PermissionDenied
 from shoal.core.errors import ProtocolError
 from shoal.core.keys import TopicKind
@@ -19,7 +19,9 @@ from shoal.core.registry import Members, Snapshot
 from shoal.core.schema import CloseCode
 
 if TYPE_CHECKING:
+    from shoal.core.app import App
     from shoal.workers.hub import Hub
+    from shoal.workers.pusher import Client as PusherClient
     from shoal.workers.ratelimit import Allowance
     from shoal.workers.transport import WebSocket
 
@@ -30,7 +32,8 @@ class Connection:
     """A client connected to this worker.
 
     Attributes:
-        id: unique across the whole deployment (`<worker id>.<n>`).
+        id: unique across the whole deployment (`<worker id>.<n>`; a Pusher client's is
+            its `socket_id`, `<n>.<m>`).
         user_id: the user; several connections may share one.
         address: the client's address: `host:port` of the TCP peer, or the host a
             trusted proxy forwarded (`server.trusted_proxies`).
@@ -41,11 +44,16 @@ class Connection:
         request_path: the path and query of the opening handshake (a `token`
             parameter's value reads `***`).
         identity: who the client is, decided at its handshake (`refresh` renews it).
+        app: the application its messages go to (the worker's, or the Pusher
+            endpoint's).
+        pusher: a Pusher client's state (`shoal.workers.pusher.Client`); None for a
+            client of shoal's own protocol.
     """
 
     __slots__ = (
         "address",
         "allowance",
+        "app",
         "busy",
         "channels",
         "closing",
@@ -58,6 +66,7 @@ class Connection:
         "inbox",
         "metadata",
         "protocol",
+        "pusher",
         "request_path",
         "rooms",
         "transport",
@@ -72,8 +81,10 @@ class Connection:
         ws: WebSocket,
         hub: Hub,
         *,
+        app: App,
         connected_at: int,
         request_path: str,
+        pusher_client: PusherClient | None = None,
     ) -> None:
         self.id = cid
         self.user_id = identity.user_id
@@ -102,6 +113,8 @@ class Connection:
         self.busy = False
         # What it may still send (`limits.*`): made with its first message.
         self.allowance: Allowance | None = None
+        self.app = app
+        self.pusher = pusher_client
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.user_id}>"
@@ -181,15 +194,19 @@ class Connection:
             )
             self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer")
 
-    def close_soon(self, code: int, reason: str) -> None:
+    def close_soon(self, code: int, reason: str, *, translate: bool = True) -> None:
         """Start the closing handshake, once: later calls do nothing.
 
         The close frame queues behind what is unsent; a client that does not complete the
         handshake within `server.close_timeout` is dropped, which bounds the memory a
-        client that stopped reading can hold.
+        client that stopped reading can hold. A Pusher client gets the Pusher code that
+        means what shoal's `code` does (`shoal.core.pusher.close_code`), unless
+        `translate` is False (`code` is Pusher's already).
         """
         if not self.closing:
             self.closing = True
+            if self.pusher is not None and translate:
+                code = pusher.close_code(code)
             self.ws.close(code, reason)
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
@@ -247,4 +264,5 @@ class Connection:
             rooms=tuple(self.rooms),
             channels=tuple(self.channels),
             address=None if self.ws.slot is None else self.ws.slot[0],
+            pushed=() if self.pusher is None else self.pusher.subscriptions(),
         )

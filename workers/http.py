@@ -28,11 +28,14 @@ def router(
     ws_path: str,
     healthy: Callable[[], bool],
     admit: Callable[[WebSocket], str | None],
+    *,
+    pusher_prefix: str | None = None,
 ) -> Route:
     """Build the handshake router of a worker's connections.
 
     Args:
         ws_path: the WebSocket path; upgrades elsewhere get 404.
+        pusher_prefix: where the Pusher endpoint's upgrades go (`/app/`), if it is on.
         healthy: whether `/healthz` answers 200 `{"status": "ok"}` (else 503).
         admit: returns None to accept the handshake of a connection (which then counts
             against `max_connection`), or why it is refused (503).
@@ -43,7 +46,7 @@ def router(
         path = request.path.partition("?")[0]
         if path == HEALTH_PATH:
             return _health(ws, healthy(), {})
-        if path != ws_path:
+        if path != ws_path and (pusher_prefix is None or not path.startswith(pusher_prefix)):
             return respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
         # A request without an upgrade goes on to websockets' handshake, which answers
         # 426 Upgrade Required, or 400 when the upgrade itself is malformed.

@@ -101,18 +101,23 @@ class Hub:
         """Forget a local connection: leave what it is still in, remove its state."""
         self.local.pop(conn.id, None)
         for channel in self._bus_channels(conn):
-            self._detach(conn, channel)
+            self.detach(conn, channel)
         conn.rooms.clear()
         conn.channels.clear()
+        if conn.pusher is not None:
+            conn.pusher.channels.clear()
         await self.registry.remove_connection(conn.id)
 
     def _bus_channels(self, conn: Connection) -> list[bytes]:
         keys = self.keys
-        return [keys.bus_topic(TopicKind.ROOM, name) for name in conn.rooms] + [
+        channels = [keys.bus_topic(TopicKind.ROOM, name) for name in conn.rooms] + [
             keys.bus_topic(TopicKind.CHANNEL, name) for name in conn.channels
         ]
+        if conn.pusher is not None:
+            channels += conn.pusher.bus_channels(keys)
+        return channels
 
-    def _detach(self, conn: Connection, channel: bytes) -> None:
+    def detach(self, conn: Connection, channel: bytes) -> None:
         """Take `conn` off a channel's local members; drop this worker's interest in it."""
         members = self.topics.get(channel)
         if members is not None:
@@ -177,7 +182,7 @@ class Hub:
         if name not in names:
             raise ProtocolError("Not in room" if kind is TopicKind.ROOM else "Not subscribed")
         names.discard(name)
-        self._detach(conn, self.keys.bus_topic(kind, name))
+        self.detach(conn, self.keys.bus_topic(kind, name))
         try:
             return await self.registry.leave(kind, name, conn.id, conn.user_id, limit)
         except BaseException:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shoal.config.model import RedisConfig
+from shoal.core import pushstate
 from shoal.core.errors import ServiceUnavailable
 from shoal.workers.hub import Hub
 
@@ -136,8 +137,13 @@ class Keeper:
             await registry.resync(snapshots)
         self.beat = time.monotonic()
         for cid, gone in list(self.gone.items()):
-            await registry.remove_connection(cid)
+            departure = await registry.remove_connection(cid)
             del self.gone[cid]
+            for left in departure.pushed if departure is not None else ():
+                # Its presence channels hear of it at once: pub/sub needs no waiting.
+                notice = pushstate.removed_notice(hub.keys, left)
+                if notice is not None:
+                    hub.bus.post(*notice)
             if gone.untold:
                 self.untold.append((gone.user, list(gone.rooms)))
         for cid, ip in list(self.slots.items()):

@@ -22,6 +22,7 @@ import asyncio
 import functools
 import http
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any
@@ -30,12 +31,14 @@ from websockets.http11 import Request, Response
 
 from shoal.core import app as app_api
 from shoal.core import auth, protocol
+from shoal.core import pusher as pusher_protocol
 from shoal.core.auth import Identity, PermissionDenied, Unauthorized
 from shoal.core.errors import ProtocolError, ServiceUnavailable
 from shoal.core.jobs import Outcome
 from shoal.core.metrics import BINARY, FRAME_ERRORS, OTHER, TEXT, counters
 from shoal.core.schema import ADVICE, CloseCode
 from shoal.workers import eager
+from shoal.workers import pusher as pusher_endpoint
 from shoal.workers.addresses import counted_as
 from shoal.workers.admission import Admission
 from shoal.workers.connection import Connection
@@ -43,6 +46,7 @@ from shoal.workers.gate import Gate
 from shoal.workers.http import Route, json_response
 from shoal.workers.hub import Hub
 from shoal.workers.keeper import Departures, Keeper
+from shoal.workers.pusher import Pusher
 from shoal.workers.ratelimit import Allowance, Rates, Verdict
 from shoal.workers.transport import DEFER, Deferred, WebSocket
 
@@ -52,6 +56,8 @@ _INBOX_HIGH = 64
 _INBOX_LOW = 16
 _CLOSED = object()  # the inbox's last item: the connection is gone
 _RATE_LIMITED = {"type": "error", "message": "Rate limit exceeded"}
+# Who a Pusher client is at its handshake: its app decides the rest (`opened`).
+PUSHER_IDENTITY = Identity(pusher_endpoint.USER_PREFIX, "pusher")
 
 
 class Sessions:
@@ -68,6 +74,7 @@ class Sessions:
         rates: what each connection may send (`limits.*`); None for no limit.
         log_connections: log a line when each connection opens and closes
             (`log.connections`).
+        pusher: the Pusher endpoint (`/app/{key}`), if `pusher.apps` names any.
     """
 
     def __init__(  # noqa: PLR0917 - the parts a worker composes, named where it builds them
@@ -82,8 +89,14 @@ class Sessions:
         *,
         rates: Rates | None = None,
         log_connections: bool = True,
+        pusher: Pusher | None = None,
     ) -> None:
         self.worker_id = worker_id
+        self.pusher = pusher
+        # A Pusher client's id is its socket_id, `<n>.<m>`: `n` is this worker's, random
+        # among 9 * 10**14 (two of a thousand live workers share one with a chance of
+        # about 6 in 10**10), since the server libraries accept digits only.
+        self.socket_number = secrets.randbelow(9 * 10**14) + 10**14
         self.app = app
         self.closing: CloseCode | None = None
         """The worker is stopping: a connection whose handshake ends now is closed so."""
@@ -117,7 +130,10 @@ class Sessions:
             return response
         gate = self.gate
         try:
-            identity = gate.identify(request)
+            if self._pusher_path(request.path):
+                identity = PUSHER_IDENTITY  # Pusher's own signatures say who may do what
+            else:
+                identity = gate.identify(request)
         except Unauthorized as exc:
             counters.handshakes_refused["unauthorized"] += 1
             body = {"error": "unauthorized", "reason": str(exc)}
@@ -182,24 +198,36 @@ class Sessions:
         body = {"error": "unavailable", "reason": reason}
         return json_response(ws, http.HTTPStatus.SERVICE_UNAVAILABLE, body, Retry_After="1")
 
+    def _pusher_path(self, path: str) -> bool:
+        return self.pusher is not None and path.startswith(pusher_endpoint.PATH_PREFIX)
+
     def opened(self, ws: WebSocket, request: Request) -> None:
         self.handshaking.discard(ws)
         self.open[ws] = None
         counters.connections_opened += 1
         identity: Identity = ws.identity
         ws.identity = None
+        app, client = self.app, None
+        if self.pusher is not None and self._pusher_path(request.path):
+            app = self.pusher.app
+            client = self.pusher.client(request.path, request.headers.get("Origin"))
+            identity = Identity(pusher_endpoint.user_of(client), PUSHER_IDENTITY.role)
         if ws.slot is not None:
             cid = ws.slot[1]
         else:
             self.sequence += 1
             cid = f"{self.worker_id}.{self.sequence}"
+        if client is not None:
+            cid = f"{self.socket_number}.{self.sequence}"
         conn = Connection(
             cid,
             identity,
             ws,
             self.hub,
+            app=app,
             connected_at=int(time.time() * 1000),
             request_path=auth.without_token(request.path),
+            pusher_client=client,
         )
         ws.session = self.open[ws] = conn
         self._expire(conn)
@@ -367,7 +395,11 @@ class Sessions:
 
     @staticmethod
     async def _refuse(conn: Connection, verdict: Verdict) -> None:
-        await conn.send(_RATE_LIMITED)
+        if conn.pusher is not None:
+            refused = pusher_protocol.error_frame(_RATE_LIMITED["message"], None)
+            conn.push(protocol.frame(refused), refused, True)
+        else:
+            await conn.send(_RATE_LIMITED)
         if verdict is Verdict.CLOSE:
             conn.close_soon(CloseCode.POLICY_VIOLATION, _RATE_LIMITED["message"])
 
@@ -385,7 +417,7 @@ class Sessions:
             return
         self.hub.adopt(conn)
         try:
-            self._start(conn, self._on_open(self.app.open_handler, conn))
+            self._start(conn, self._on_open(conn.app.open_handler, conn))
         finally:
             conn.ws.uncork()
         if self.closing is not None:
@@ -415,7 +447,7 @@ class Sessions:
             conn.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def _dispatch(self, conn: Connection, data: str | bytes) -> None:
-        app = self.app
+        app = conn.app
         received = counters.messages_in
         try:
             if app.frame_handler is not None:
@@ -486,9 +518,9 @@ class Sessions:
         """
         rooms = tuple(sorted(conn.rooms))
         told = True
-        if self.app.close_handler is not None:
+        if conn.app.close_handler is not None:
             try:
-                await self.app.close_handler(conn)
+                await conn.app.close_handler(conn)
             except ServiceUnavailable:
                 logger.warning("redis unavailable while closing %s; telling later", conn.id)
                 told = False

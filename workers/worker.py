@@ -52,7 +52,7 @@ from shoal.core.placement import Placement as ChildPlacement
 from shoal.core.registry import Registry, connect
 from shoal.core.resp import RedisAddress, Timeouts
 from shoal.core.schema import ADVICE, CloseCode
-from shoal.workers import exposition, gate, http, tls, transport
+from shoal.workers import exposition, gate, http, pusher, tls, transport
 from shoal.workers.addresses import Addresses
 from shoal.workers.admission import Admission
 from shoal.workers.dispatcher import Tasks
@@ -170,10 +170,20 @@ class Worker:
             self.hub,
             self.keeper,
             self.admission,
-            http.router(config.server.path, self._healthy, self._admit),
+            http.router(
+                config.server.path,
+                self._healthy,
+                self._admit,
+                pusher_prefix=pusher.PATH_PREFIX if config.pusher.enabled else None,
+            ),
             self.gate,
             rates=Rates.from_config(config.limits),
             log_connections=config.log.connections,
+            pusher=(
+                pusher.Pusher(config.pusher, self.hub, max_channels=config.limits.max_channels)
+                if config.pusher.enabled
+                else None
+            ),
         )
         self.hub.on_departed = self.sessions.departed
         self.tasks.on_outcome = self.sessions.task_outcome

@@ -49,11 +49,11 @@ async def test_connections_users_and_rooms(registries: tuple[Registry, Registry]
     remaining = await two.leave(TopicKind.ROOM, "r", "c3", "bo")
     assert remaining == ["ann"] and remaining.total == 1
 
-    assert await one.remove_connection("c1") is True
-    assert await one.remove_connection("c1") is False  # the claim: removed once only
+    assert await one.remove_connection("c1") == Departure("ann", ("r",))
+    assert await one.remove_connection("c1") is None  # the claim: removed once only
     assert await one.total_users() == 2  # ann still has c2
     assert await one.presence("r") == []
-    assert await two.remove_connection("c2") is True
+    assert await two.remove_connection("c2") is not None
     assert await one.total_users() == 1
 
 
@@ -124,7 +124,7 @@ async def test_big_rooms_list_a_sample_and_count_distinct_users(
     assert (await one.leave(TopicKind.ROOM, "big", "c0", "u0", limit=0)).total == 25
     assert (await one.leave(TopicKind.ROOM, "big", "c25", "u0", limit=0)).total == 24
     # A removed connection (u5's only one) takes its user out of the count.
-    assert await one.remove_connection("c5") is True
+    assert await one.remove_connection("c5") is not None
     assert (await two.members(TopicKind.ROOM, "big", limit=0)).total == 23
 
 
