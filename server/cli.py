@@ -1,5 +1,5 @@
 """The `shoal` command: `serve`, `tasks`, `reload`, `stop`, `status`, `check-config`,
-`--version`."""
+`connect` (the terminal client, `shoal.client.terminal`), `--version`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from shoal.client import terminal
 from shoal.config import loader
 from shoal.config.model import Config
 from shoal.core import app, logs
@@ -77,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate a config file and print the resolved configuration"
     )
     check.add_argument("path", type=Path)
+
+    connect = commands.add_parser(
+        "connect",
+        help="an interactive WebSocket client, like wscat: type lines, see what comes back",
+        description="Type lines to send them, see what the server sends; /help lists the "
+        "commands. The same as shoal-connect.",
+    )
+    terminal.add_arguments(connect)
     return parser
 
 
@@ -153,6 +162,8 @@ def _load(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None)
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "connect":
+        return terminal.run(args, "shoal connect")
     if args.command in CONTROL_COMMANDS:
         return _control(args)
     try:

@@ -1,11 +1,13 @@
 """The client-only distribution: `shoal-client` builds from client/pyproject.toml, holds
 shoal.client and shoal.core.schema alone, requires websockets and typing_extensions
-alone, and talks to a live server from an environment that has nothing else."""
+alone, and talks to a live server from an environment that has nothing else, from Python
+and with its `shoal-connect` command."""
 
 from __future__ import annotations
 
 import email
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -56,6 +58,7 @@ def test_the_wheel_holds_the_client_and_the_schema_and_requires_websockets(
         metadata = email.message_from_bytes(
             archive.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
         )
+        scripts = archive.read(next(n for n in names if n.endswith("/entry_points.txt")))
     modules = sorted(n for n in names if not n.split("/")[0].endswith(".dist-info"))
     client = sorted(p.name for p in (ROOT / "client").glob("*.py"))
     assert modules == sorted(
@@ -65,6 +68,12 @@ def test_the_wheel_holds_the_client_and_the_schema_and_requires_websockets(
     requires = sorted(metadata.get_all("Requires-Dist") or [])
     assert requires == ["typing_extensions>=4.6", "websockets<18,>=17.0.1"]
     assert metadata["Name"] == "shoal-client"
+    assert scripts.decode().split() == [
+        "[console_scripts]",
+        "shoal-connect",
+        "=",
+        "shoal.client.terminal:main",
+    ]
 
 
 def test_a_client_only_install_talks_to_a_live_server(tmp_path: Path, shoal: Shoal) -> None:
@@ -114,3 +123,13 @@ def test_a_client_only_install_talks_to_a_live_server(tmp_path: Path, shoal: Sho
     assert result.returncode == 0, result.stderr
     assert result.stdout.split(" ", 1)[0] == "slim"
     assert result.stdout.strip() == "slim ['shoal-client', 'typing_extensions', 'websockets'] []"
+
+    # The terminal client's command, as pip installed it: the end of input closes it.
+    connect = subprocess.run(
+        [str(fresh / "bin" / "shoal-connect"), "--json", shoal.url("term")],
+        input='{"type": "presence"}\n', capture_output=True, text=True, timeout=60 * SCALE,
+    )  # fmt: skip
+    assert connect.returncode == 0, connect.stderr
+    welcome, presence = (json.loads(line) for line in connect.stdout.splitlines())
+    assert (welcome["type"], welcome["user_id"]) == ("welcome", "term")
+    assert presence["type"] == "presence"
