@@ -427,6 +427,38 @@ _APP_ID = re.compile(r"[0-9]{1,20}")
 _APP_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+WEBHOOK_EVENTS = (
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "client_event",
+    "cache_miss",
+)
+WebhookEvent = Literal[
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "client_event",
+    "cache_miss",
+]
+
+
+class WebhookConfig(_Section):
+    """Where a Pusher app's webhooks go, and which events (all by default)."""
+
+    url: str
+    event_types: tuple[WebhookEvent, ...] = WEBHOOK_EVENTS  # type: ignore[assignment]
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("a webhook url is http:// or https://")
+        return value
+
+
 class PusherAppConfig(_Section):
     """One application of the Pusher-compatible endpoint (docs/pusher.md).
 
@@ -448,6 +480,7 @@ class PusherAppConfig(_Section):
     max_presence_member_bytes: PositiveInt = 2 * 1024
     allowed_origins: tuple[str, ...] | None = None
     activity_timeout: Annotated[int, Field(ge=5, le=3600)] = 30
+    webhooks: tuple[WebhookConfig, ...] = ()
 
     @field_validator("id")
     @classmethod
@@ -541,7 +574,9 @@ class Config(_Section):
     @property
     def task_processes(self) -> int:
         """`tasks.task_worker_num`; unset, 2 for the built-in chat app (its `task`
-        messages need a pool) and 0, no pool, for any other application."""
+        messages need a pool) or when a Pusher app has webhooks (the pool delivers
+        them), and 0, no pool, otherwise."""
         if self.tasks.task_worker_num is not None:
             return self.tasks.task_worker_num
-        return 2 if self.app.module == "chat" else 0
+        webhooks = any(app.webhooks for app in self.pusher.apps)
+        return 2 if self.app.module == "chat" or webhooks else 0

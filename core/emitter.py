@@ -9,6 +9,7 @@ publish on the bus the workers listen to, as Socket.IO's Redis emitter does for 
     emitter.to_room("lobby").send({"type": "news", "text": "deploy at 5"})
     emitter.to_user("ann").send({"type": "invoice_ready", "id": 42})
     emitter.to_all().send({"type": "maintenance", "in_minutes": 10})
+    emitter.trigger("1234", "orders", "order.shipped", {"id": 7})  # a Pusher channel
 
 `AsyncEmitter` has the same methods for asyncio code (`await ... .send(...)`). Both use
 redis-py, which a process outside shoal is likely to have configured already; pass
@@ -27,7 +28,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from shoal.core import envelope, protocol, pushstate
+from shoal.core import envelope, protocol, pusher, pushstate
 from shoal.core.keys import Keys, TopicKind
 
 Sendable = Mapping[str, Any] | str | bytes
@@ -87,6 +88,27 @@ class Emitter:
 
     def to_user(self, user_id: str) -> UserTarget:
         return UserTarget(self, user_id)
+
+    def trigger(
+        self, app_id: str, channel: str, event: str, data: Any, *, socket_id: str | None = None
+    ) -> int:
+        """Send `event` to the subscribers of a Pusher channel of app `app_id` (but
+        `socket_id`), as the HTTP API's `POST /apps/{id}/events` does: `data` goes out
+        as it is if it is a string, as JSON otherwise. Returns how many workers were
+        listening (0: nobody there). A cache channel keeps it as its last event.
+
+        Raises:
+            redis.RedisError: Redis could not be reached or refused a command.
+            pusher.PusherError: not a valid channel name.
+        """
+        payload = pusher.frame(event, data, pusher.channel(channel).name)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.publish(
+                self.keys.bus_pusher(app_id, channel), envelope.message(payload, socket_id)
+            )
+            if pusher.channel(channel).cache:
+                pipe.set(self.keys.pusher_cache(app_id, channel), payload, ex=pushstate.CACHE_TTL)
+            return int(pipe.execute()[0])
 
     def close(self) -> None:
         self.redis.close()
@@ -167,6 +189,19 @@ class AsyncEmitter:
 
     def to_user(self, user_id: str) -> AsyncUserTarget:
         return AsyncUserTarget(self, user_id)
+
+    async def trigger(
+        self, app_id: str, channel: str, event: str, data: Any, *, socket_id: str | None = None
+    ) -> int:
+        """As `Emitter.trigger`."""
+        payload = pusher.frame(event, data, pusher.channel(channel).name)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.publish(
+                self.keys.bus_pusher(app_id, channel), envelope.message(payload, socket_id)
+            )
+            if pusher.channel(channel).cache:
+                pipe.set(self.keys.pusher_cache(app_id, channel), payload, ex=pushstate.CACHE_TTL)
+            return int((await pipe.execute())[0])
 
     async def tell_departed(
         self, worker_id: str, users: Iterable[tuple[str, Iterable[str]]]

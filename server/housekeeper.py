@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import redis
 import uvloop
 
-from shoal.core import loops, metrics, pushstate
+from shoal.core import loops, metrics, pushstate, webhooks
 from shoal.core.backoff import full_jitter
 from shoal.core.emitter import AsyncEmitter
 from shoal.core.errors import ServiceUnavailable
@@ -121,6 +121,7 @@ class Housekeeper:
                     self.dead.pop(0)
                 if self.unannounced:
                     await self.emitter.tell_left(self.unannounced)
+                    await self._webhooks(self.unannounced)
                     self.unannounced = []
                 if self.untold:
                     await self._tell()
@@ -177,6 +178,23 @@ class Housekeeper:
                 logger.info("swept state of dead workers: %s", ", ".join(swept))
                 self._departed([d for departed in swept.values() for d in departed])
                 self.work.set()
+
+    async def _webhooks(self, lefts: list[pushstate.Left]) -> None:
+        """Queue the webhooks of Pusher subscriptions a clean-up removed."""
+        config = self.placement.config
+        apps = {app.id: app for app in config.pusher.apps if app.webhooks}
+        now = time.time()
+        commands = [
+            command
+            for left in lefts
+            if left.app in apps
+            for command in webhooks.dispatches(
+                self.registry.keys, apps[left.app], webhooks.left(left), now,
+                config.tasks.max_pending,
+            )
+        ]  # fmt: skip
+        if commands:
+            await self.registry.redis.pipeline(commands)
 
     def _departed(self, departures: list[Departure]) -> None:
         """Connections a clean-up removed: their rooms and presence channels are to hear."""

@@ -8,6 +8,9 @@
 - `broadcast_delayed`: waits `delay` seconds (at most an hour), then sends `message` to
   every connection of every node, as the chat protocol's `broadcast` from the user who
   dispatched the job.
+- `pusher_webhook`: posts a Pusher webhook the workers signed and queued
+  (`shoal.core.webhooks`); an unreachable receiver, a 5xx or a 429 is retried, another
+  refusal is not.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import re
 import secrets
 import statistics
 import time
+import urllib.error
+import urllib.request
 from email.message import EmailMessage
 from email.utils import parseaddr
 from typing import Any
 
 import aiosmtplib
 
-from shoal.core import protocol
+from shoal.core import protocol, webhooks
 from shoal.core.task import TaskContext, task
 
 _MAX_DELAY = 3600.0
@@ -32,6 +37,7 @@ _MAX_BODY = 1_000_000
 # One address, no display name, no line break (a header injection).
 _ADDRESS = re.compile(r"[^@\s<>,;]{1,64}@[^@\s<>,;]{1,255}")
 _HEADER = re.compile(r"[^\r\n]{0,998}")
+_WEBHOOK_TIMEOUT = 10.0
 _TRANSIENT_SMTP = (
     aiosmtplib.SMTPConnectError,
     aiosmtplib.SMTPServerDisconnected,
@@ -129,3 +135,29 @@ async def send_email(ctx: TaskContext, data: Any) -> dict[str, Any]:
         "accepted": [r for r in recipients if r not in refused],
         "reply": reply,
     }
+
+
+class WebhookUndelivered(OSError):
+    """A webhook's receiver could not be reached, or answered 5xx or 429: worth retrying."""
+
+
+@task(webhooks.TASK, retry_on=(WebhookUndelivered,))
+async def pusher_webhook(ctx: TaskContext, data: Any) -> dict[str, Any]:
+    """POST `{"url", "body", "headers"}` (`shoal.core.webhooks.dispatches`)."""
+    if not isinstance(data, dict) or not isinstance(data.get("body"), bytes):
+        raise ValueError("data must be a webhook queued by shoal.core.webhooks")
+    status = await asyncio.to_thread(_post, data["url"], data["body"], data["headers"])
+    return {"status": status}
+
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=_WEBHOOK_TIMEOUT) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500 or exc.code == 429:
+            raise WebhookUndelivered(f"{url} answered {exc.code}") from exc
+        raise ValueError(f"{url} refused the webhook with {exc.code}") from exc
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        raise WebhookUndelivered(f"{url} unreachable: {exc}") from exc

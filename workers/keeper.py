@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from shoal.config.model import RedisConfig
@@ -64,6 +64,8 @@ class Keeper:
         self.gone: dict[str, _Gone] = {}
         self.slots: dict[str, str] = {}  # connection id -> the address whose slot it held
         self.untold: Departures = []
+        self.on_left: Callable[[Sequence[pushstate.Left]], None] | None = None
+        """Told of Pusher subscriptions a retried removal took (their webhooks)."""
         self._lock = asyncio.Lock()
 
     @property
@@ -139,11 +141,14 @@ class Keeper:
         for cid, gone in list(self.gone.items()):
             departure = await registry.remove_connection(cid)
             del self.gone[cid]
-            for left in departure.pushed if departure is not None else ():
+            lefts = departure.pushed if departure is not None else ()
+            for left in lefts:
                 # Its presence channels hear of it at once: pub/sub needs no waiting.
                 notice = pushstate.removed_notice(hub.keys, left)
                 if notice is not None:
                     hub.bus.post(*notice)
+            if lefts and self.on_left is not None:
+                self.on_left(lefts)
             if gone.untold:
                 self.untold.append((gone.user, list(gone.rooms)))
         for cid, ip in list(self.slots.items()):

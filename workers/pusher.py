@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
 from shoal.config.model import PusherAppConfig, PusherConfig
-from shoal.core import envelope, protocol, pusher
+from shoal.core import envelope, protocol, pusher, webhooks
 from shoal.core.app import App, FrameHandler, OpenHandler
 from shoal.core.errors import ServiceUnavailable
 from shoal.core.metrics import counters
 from shoal.core.pusher import Close, Kind, PusherError
-from shoal.core.pushstate import Channels
+from shoal.core.pushstate import Channels, Left
 
 if TYPE_CHECKING:
     from shoal.core.keys import Keys
@@ -89,10 +90,15 @@ class Pusher:
         config: the `pusher` section.
         hub: the worker's hub.
         max_channels: `limits.max_channels`, per connection.
+        max_pending: `tasks.max_pending`, which bounds the webhooks queued.
     """
 
-    def __init__(self, config: PusherConfig, hub: Hub, *, max_channels: int = 100) -> None:
+    def __init__(
+        self, config: PusherConfig, hub: Hub, *, max_channels: int = 100, max_pending: int = 10_000
+    ) -> None:
         self.by_key = {app.key: app for app in config.apps}
+        self.by_id = {app.id: app for app in config.apps}
+        self.max_pending = max_pending
         self.hub = hub
         self.state = Channels(hub.registry.redis, hub.keys)
         self.max_channels = max_channels
@@ -210,6 +216,7 @@ class Pusher:
             _send(conn, pusher.subscription_error(name, f"Over {limit} members", 403))
             return
         await self._succeeded(conn, channel, fresh=True)
+        await self._hook(app, webhooks.transitions(name, member, change, joined=True))
         if member and change.connections == 1:
             added = {"user_id": member, "user_info": info}
             self._publish(app.id, name, pusher.frame("pusher_internal:member_added", added, name),
@@ -249,6 +256,7 @@ class Pusher:
                 _send(conn, cached)
             else:
                 _send(conn, protocol.encode({"event": "pusher:cache_miss", "channel": name}))
+                await self._hook(client.app, [{"name": "cache_miss", "channel": name}])
 
     async def _unsubscribe(self, conn: Connection, name: str, *, announce: bool = True) -> None:
         client = _client(conn)
@@ -259,6 +267,8 @@ class Pusher:
         # If Redis fails here, the subscription goes with the connection's state, and a
         # member who left is announced then (`Keeper`, `pushstate.removed_notice`).
         change = await self.state.unsubscribe(app.id, name, conn.id, member)
+        if announce:
+            await self._hook(app, webhooks.transitions(name, member, change, joined=False))
         if announce and member and change.connections == 0:
             removed = {"user_id": member}
             self._publish(app.id, name, pusher.frame("pusher_internal:member_removed", removed,
@@ -329,6 +339,29 @@ class Pusher:
         self._publish(app.id, name, payload, exclude=conn.id)
         if channel.cache:
             await self.hub.registry.redis.execute(*self.state.cache_command(app.id, name, payload))
+        event: dict[str, Any] = {"name": "client_event", "channel": name, "event": frame.event,
+                                 "data": frame.data, "socket_id": conn.id}  # fmt: skip
+        if member is not None:
+            event["user_id"] = member
+        await self._hook(app, [event])
+
+    # Webhooks
+
+    async def _hook(self, app: PusherAppConfig, events: list[dict[str, Any]]) -> None:
+        """Queue `events` for `app`'s webhooks, if it has any that want them."""
+        if app.webhooks and events:
+            keys = self.hub.keys
+            commands = webhooks.dispatches(keys, app, events, time.time(), self.max_pending)
+            if commands:
+                await self.hub.registry.redis.pipeline(commands)
+
+    def left(self, lefts: Iterable[Left]) -> None:
+        """Subscriptions of this worker's connections removed after Redis failed while
+        they closed: their webhooks (the keeper announced the members who left)."""
+        for departed in lefts:
+            app = self.by_id.get(departed.app)
+            if app is not None and app.webhooks:
+                self.hub.spawn(self._hook(app, webhooks.left(departed)))
 
     def _publish(self, app: str, name: str, payload: bytes, *, exclude: str | None) -> None:
         self.hub.bus.post(self.hub.keys.bus_pusher(app, name), envelope.message(payload, exclude))

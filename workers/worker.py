@@ -164,6 +164,15 @@ class Worker:
         self.keeper = Keeper(
             self.hub, config.redis, self._tell, self.scoreboard.redis_up_everywhere
         )
+        endpoint = None
+        if config.pusher.enabled:
+            endpoint = pusher.Pusher(
+                config.pusher,
+                self.hub,
+                max_channels=config.limits.max_channels,
+                max_pending=config.tasks.max_pending,
+            )
+            self.keeper.on_left = endpoint.left
         self.sessions = Sessions(
             self.id,
             self.app,
@@ -179,11 +188,7 @@ class Worker:
             self.gate,
             rates=Rates.from_config(config.limits),
             log_connections=config.log.connections,
-            pusher=(
-                pusher.Pusher(config.pusher, self.hub, max_channels=config.limits.max_channels)
-                if config.pusher.enabled
-                else None
-            ),
+            pusher=endpoint,
         )
         self.hub.on_departed = self.sessions.departed
         self.tasks.on_outcome = self.sessions.task_outcome

@@ -8,8 +8,12 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import signal
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pusher as pusher_library
@@ -17,7 +21,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from support import RedisServer, Shoal, eventually
+from shoal.core.emitter import AsyncEmitter
+
+from support import SCALE, RedisServer, Shoal, eventually
 
 APP_ID, KEY, SECRET = "4242", "shoal-key", "shoal-secret-0123456789"
 PUSHER_APPS = {"apps": [{"id": APP_ID, "key": KEY, "secret": SECRET}]}
@@ -243,3 +249,116 @@ async def test_members_of_a_killed_worker_are_removed_by_the_sweep(
             return bool(joined["data"]["presence"]["ids"] == ["probe"])
 
     await eventually(alone, 10, "no ghost members")
+
+
+async def test_the_emitter_reaches_pusher_channels(
+    shoal: Shoal, redis_server: RedisServer, prefix: str
+) -> None:
+    emitter = AsyncEmitter(redis_server.url, prefix)
+    try:
+        async with spread_clients(shoal, 2) as (ann, bo):
+            for c in (ann, bo):
+                await c.subscribe("orders", auth="")
+            assert await emitter.trigger(APP_ID, "orders", "shipped", {"id": 7}) == 2
+            for c in (ann, bo):
+                assert await c.expect("shipped") == {
+                    "event": "shipped", "channel": "orders", "data": {"id": 7}}  # fmt: skip
+            # Left out by socket_id, as the HTTP API's exclusion does.
+            await emitter.trigger(APP_ID, "orders", "shipped", "raw", socket_id=ann.socket_id)
+            assert (await bo.recv())["data"] == "raw"
+            await ann.silent()
+            await emitter.trigger(APP_ID, "cache-prices", "price", {"p": 3})
+            cached = await ann.subscribe("cache-prices", auth="")
+            assert cached["channel"] == "cache-prices"
+            assert (await ann.expect("price"))["data"] == {"p": 3}
+    finally:
+        await emitter.close()
+
+
+class WebhookReceiver:
+    """An HTTP server that keeps the webhooks it receives, checked with the Python
+    server library's `validate_webhook` (signature, key and age)."""
+
+    def __init__(self, signer: pusher_library.Pusher) -> None:
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                checked = signer.validate_webhook(
+                    self.headers["X-Pusher-Key"], self.headers["X-Pusher-Signature"], body
+                )
+                self.send_response(200 if checked is not None else 401)
+                self.end_headers()
+                for event in (checked or {}).get("events", []):
+                    receiver.events.put(event)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        receiver = self
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+
+    async def next(self, timeout: float = 10) -> dict[str, Any]:
+        event: dict[str, Any] = await asyncio.to_thread(self.events.get, timeout=timeout * SCALE)
+        return event
+
+    async def nothing(self) -> None:
+        with pytest.raises(queue.Empty):
+            await asyncio.to_thread(self.events.get, timeout=0.5)
+
+
+@pytest.fixture
+def receiver(signer: pusher_library.Pusher) -> Iterator[WebhookReceiver]:
+    hooks = WebhookReceiver(signer)
+    yield hooks
+    hooks.server.shutdown()
+
+
+@pytest.fixture
+def webhook_shoal(
+    tmp_path: Path, settings: dict[str, Any], receiver: WebhookReceiver
+) -> Iterator[Shoal]:
+    app = {"id": APP_ID, "key": KEY, "secret": SECRET, "webhooks": [{"url": receiver.url}]}
+    node = Shoal(
+        tmp_path, {**settings, "pusher": {"apps": [app]}, "tasks": {"task_worker_num": 1}}
+    ).start()
+    yield node
+    node.stop()
+
+
+async def test_webhooks_fire_once_per_transition_across_workers(
+    webhook_shoal: Shoal, signer: pusher_library.Pusher, receiver: WebhookReceiver
+) -> None:
+    channel = "presence-hooks"
+    async with spread_clients(webhook_shoal, 2) as (ann, bo):
+        await ann.subscribe(channel, **presence_auth(signer, ann, channel, "ann"))
+        assert await receiver.next() == {"name": "channel_occupied", "channel": channel}
+        assert await receiver.next() == {"name": "member_added", "channel": channel,
+                                         "user_id": "ann"}  # fmt: skip
+        await bo.subscribe(channel, **presence_auth(signer, bo, channel, "bo"))
+        assert (await receiver.next())["user_id"] == "bo"  # member_added; not occupied again
+        await ann.expect("pusher_internal:member_added")
+        await bo.send("client-hi", {"x": 1}, channel)
+        assert await receiver.next() == {"name": "client_event", "channel": channel,
+                                         "event": "client-hi", "data": {"x": 1},
+                                         "socket_id": bo.socket_id, "user_id": "bo"}  # fmt: skip
+        await bo.send("pusher:unsubscribe", {"channel": channel})
+        assert await receiver.next() == {"name": "member_removed", "channel": channel,
+                                         "user_id": "bo"}  # fmt: skip
+        await receiver.nothing()  # still occupied by ann
+        await ann.expect("client-hi")
+        await ann.expect("pusher_internal:member_removed")
+        await ann.subscribe("cache-empty", auth="")
+        await ann.expect("pusher:cache_miss")
+        assert await receiver.next() == {"name": "cache_miss", "channel": "cache-empty"}
+    rest = {((e := await receiver.next())["name"], e["channel"]) for _ in range(4)}
+    assert rest == {
+        ("channel_occupied", "cache-empty"),
+        ("member_removed", channel),
+        ("channel_vacated", channel),
+        ("channel_vacated", "cache-empty"),
+    }
+    await receiver.nothing()
