@@ -291,12 +291,12 @@ class WebhookReceiver:
                 self.send_response(200 if checked is not None else 401)
                 self.end_headers()
                 for event in (checked or {}).get("events", []):
-                    receiver.events.put(event)
+                    events.put(event)
 
             def log_message(self, *args: Any) -> None:
                 pass
 
-        receiver = self
+        events = self.events
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
