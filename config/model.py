@@ -72,6 +72,7 @@ class ServerConfig(_Section):
     trusted_proxies: tuple[str, ...] = ()
     admin_host: str = "127.0.0.1"
     admin_port: Port | None = None
+    demo_page: bool = False
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -132,6 +133,11 @@ class ServerConfig(_Section):
             raise ValueError(
                 f"admin_port ({self.admin_port}) must differ from port: the admin listener "
                 "answers plain HTTP only"
+            )
+        if self.demo_page and self.path == "/":
+            raise ValueError(
+                "demo_page serves the browser demo at '/': give path another value "
+                "(e.g. /ws), or turn demo_page off"
             )
         if self.metrics_path == self.path:
             raise ValueError(

@@ -62,7 +62,7 @@ from shoal.server.supervisor import (
     Supervisor,
 )
 from shoal.tasks import process as task_pool
-from shoal.workers import tls, worker
+from shoal.workers import demo, tls, worker
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,8 @@ class Master:
                     "embedded" if self.embedded else RedisAddress.from_url(self.redis_url),
                     self.config.redis.prefix,
                 )
+                if server.demo_page:
+                    logger.info("browser demo page: %s", demo.url(server))
             # Objects the children inherit stay out of the collector's sight, so a
             # collection in a worker does not copy the master's pages it shares.
             gc.freeze()

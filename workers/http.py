@@ -1,5 +1,6 @@
-"""Plain HTTP on the WebSocket port: `/healthz` (status only), 404 elsewhere, 503 when
-full or degraded; and on the admin listener (`server.admin_host`, `server.admin_port`):
+"""Plain HTTP on the WebSocket port: `/healthz` (status only), the browser demo page at
+`/` when `server.demo_page` is on, 404 elsewhere, 503 when full or degraded; and on the
+admin listener (`server.admin_host`, `server.admin_port`):
 `/healthz` with the node's details and `/metrics` (`server.metrics_path`).
 
 The public `/healthz` tells a load balancer whether to send clients here, and nothing
@@ -16,7 +17,7 @@ from typing import Any
 import orjson
 from websockets.http11 import Request, Response
 
-from shoal.workers import exposition
+from shoal.workers import demo, exposition
 from shoal.workers.transport import WebSocket
 
 HEALTH_PATH = "/healthz"
@@ -28,6 +29,7 @@ def router(
     ws_path: str,
     healthy: Callable[[], bool],
     admit: Callable[[WebSocket], str | None],
+    page: demo.Page | None = None,
     *,
     pusher_prefix: str | None = None,
 ) -> Route:
@@ -39,6 +41,8 @@ def router(
         healthy: whether `/healthz` answers 200 `{"status": "ok"}` (else 503).
         admit: returns None to accept the handshake of a connection (which then counts
             against `max_connection`), or why it is refused (503).
+        page: the demo page, answered at `/` to requests without an upgrade; None: `/`
+            is a path like any other (404).
     """
 
     def route(ws: WebSocket, request: Request) -> Response | None:
@@ -46,6 +50,8 @@ def router(
         path = request.path.partition("?")[0]
         if path == HEALTH_PATH:
             return _health(ws, healthy(), {})
+        if page is not None and path == demo.PATH and "Upgrade" not in request.headers:
+            return _page(ws, page)
         if path != ws_path and (pusher_prefix is None or not path.startswith(pusher_prefix)):
             return respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
         # A request without an upgrade goes on to websockets' handshake, which answers
@@ -65,6 +71,15 @@ def _health(ws: WebSocket, healthy: bool, details: dict[str, Any]) -> Response:
     status = http.HTTPStatus.OK if healthy else http.HTTPStatus.SERVICE_UNAVAILABLE
     return json_response(ws, status, {"status": "ok" if healthy else "redis unreachable",
                                       **details})  # fmt: skip
+
+
+def _page(ws: WebSocket, page: demo.Page) -> Response:
+    """200 with the demo page and its headers."""
+    response = _answer(ws.protocol.reject(http.HTTPStatus.OK, ""), page.body,
+                       demo.CONTENT_TYPE)  # fmt: skip
+    for name, value in page.headers:
+        response.headers[name] = value
+    return response
 
 
 def json_response(ws: WebSocket, status: int, body: Mapping[str, Any], **headers: str) -> Response:

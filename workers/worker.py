@@ -52,7 +52,7 @@ from shoal.core.placement import Placement as ChildPlacement
 from shoal.core.registry import Registry, connect
 from shoal.core.resp import RedisAddress, Timeouts
 from shoal.core.schema import ADVICE, CloseCode
-from shoal.workers import exposition, gate, http, pusher, tls, transport
+from shoal.workers import demo, exposition, gate, http, pusher, tls, transport
 from shoal.workers.addresses import Addresses
 from shoal.workers.admission import Admission
 from shoal.workers.dispatcher import Tasks
@@ -111,6 +111,8 @@ class Worker:
         self.app = app_api.load(self.config.app.module, self.config.app.settings)
         self.timeouts = Timeouts.from_config(self.config.redis)
         self.admission = Admission(self.scoreboard, self.seat, self.config.server.max_connection)
+        server = self.config.server
+        self.demo = demo.load(server, self.config.auth) if server.demo_page else None
         self.stopping = asyncio.Event()
 
     async def run(self) -> int:
@@ -183,6 +185,7 @@ class Worker:
                 config.server.path,
                 self._healthy,
                 self._admit,
+                self.demo,
                 pusher_prefix=pusher.PATH_PREFIX if config.pusher.enabled else None,
             ),
             self.gate,

@@ -64,6 +64,10 @@ def test_app_settings_are_kept_for_the_application(tmp_path: Path) -> None:
         ("server:\n  pid_file: run/shoal.pid\n", "server.pid_file: must be an absolute file path"),
         ("server:\n  admin_port: 9501\n", "admin_port (9501) must differ from port"),
         (
+            "server:\n  demo_page: true\n  path: /\n",
+            "demo_page serves the browser demo at '/': give path another value",
+        ),
+        (
             "server:\n  trusted_proxies: [10.0.0.0/33]\n",
             "server.trusted_proxies: '10.0.0.0/33' is not an IP address or network",
         ),
