@@ -39,6 +39,7 @@ from shoal.workers import eager
 from shoal.workers.addresses import counted_as
 from shoal.workers.admission import Admission
 from shoal.workers.connection import Connection
+from shoal.workers.exchange import Responder
 from shoal.workers.gate import Gate
 from shoal.workers.http import Route, json_response
 from shoal.workers.hub import Hub
@@ -68,6 +69,8 @@ class Sessions:
         rates: what each connection may send (`limits.*`); None for no limit.
         log_connections: log a line when each connection opens and closes
             (`log.connections`).
+        responder: answers plain HTTP requests on the WebSocket port, those that cannot
+            be handshakes (`shoal.workers.exchange`); None: each gets 405.
     """
 
     def __init__(  # noqa: PLR0917 - the parts a worker composes, named where it builds them
@@ -82,6 +85,7 @@ class Sessions:
         *,
         rates: Rates | None = None,
         log_connections: bool = True,
+        responder: Responder | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.app = app
@@ -95,6 +99,7 @@ class Sessions:
         self.policy = hub.policy
         self.rates = rates if rates is not None and rates.enabled else None
         self.log_connections = log_connections
+        self.http_responder = responder
         self.loop = asyncio.get_running_loop()
         # Connections whose opening handshake completed, with their Connection (None
         # for one being refused): what lost() counts and logs, whatever became of it.
@@ -110,6 +115,9 @@ class Sessions:
 
     def made(self, ws: WebSocket) -> None:
         self.handshaking.add(ws)
+
+    def responder(self, ws: WebSocket) -> Responder | None:
+        return self.http_responder
 
     def route(self, ws: WebSocket, request: Request) -> Response | Deferred | None:
         response = self.router(ws, request)
