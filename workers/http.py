@@ -18,6 +18,7 @@ import orjson
 from websockets.http11 import Request, Response
 
 from shoal.workers import demo, exposition
+from shoal.workers.exchange import Responder
 from shoal.workers.transport import WebSocket
 
 HEALTH_PATH = "/healthz"
@@ -125,6 +126,9 @@ class Admin:
 
     def made(self, ws: WebSocket) -> None:
         pass
+
+    def responder(self, ws: WebSocket) -> Responder | None:
+        return None  # only GETs are served here: anything else gets 405
 
     def opened(self, ws: WebSocket, request: Request) -> None:  # pragma: no cover
         raise AssertionError("the admin listener accepts no WebSocket")

@@ -42,6 +42,7 @@ from shoal.workers import pusher as pusher_endpoint
 from shoal.workers.addresses import counted_as
 from shoal.workers.admission import Admission
 from shoal.workers.connection import Connection
+from shoal.workers.exchange import Responder
 from shoal.workers.gate import Gate
 from shoal.workers.http import Route, json_response
 from shoal.workers.hub import Hub
@@ -75,6 +76,8 @@ class Sessions:
         log_connections: log a line when each connection opens and closes
             (`log.connections`).
         pusher: the Pusher endpoint (`/app/{key}`), if `pusher.apps` names any.
+        responder: answers plain HTTP requests on the WebSocket port, those that cannot
+            be handshakes (`shoal.workers.exchange`); None: each gets 405.
     """
 
     def __init__(  # noqa: PLR0917 - the parts a worker composes, named where it builds them
@@ -90,6 +93,7 @@ class Sessions:
         rates: Rates | None = None,
         log_connections: bool = True,
         pusher: Pusher | None = None,
+        responder: Responder | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.pusher = pusher
@@ -108,6 +112,7 @@ class Sessions:
         self.policy = hub.policy
         self.rates = rates if rates is not None and rates.enabled else None
         self.log_connections = log_connections
+        self.http_responder = responder
         self.loop = asyncio.get_running_loop()
         # Connections whose opening handshake completed, with their Connection (None
         # for one being refused): what lost() counts and logs, whatever became of it.
@@ -123,6 +128,9 @@ class Sessions:
 
     def made(self, ws: WebSocket) -> None:
         self.handshaking.add(ws)
+
+    def responder(self, ws: WebSocket) -> Responder | None:
+        return self.http_responder
 
     def route(self, ws: WebSocket, request: Request) -> Response | Deferred | None:
         response = self.router(ws, request)

@@ -7,6 +7,11 @@ go through the protocol, and each complete message goes straight to the worker's
 `received()` callback. Messages are assembled here from their frames (with UTF-8
 checked as fragments arrive, so an invalid text message fails at its first bad byte).
 
+A connection whose first byte is not `G` cannot be a handshake: only a GET can be, and no
+other HTTP method begins with G. Its first read hands it to a plain HTTP `Exchange`
+(`shoal.workers.exchange`), which serves requests with bodies (websockets' parser
+refuses them) with whatever the handlers' `responder()` gives.
+
 Timers bound the two handshakes: a client that has not completed the opening handshake
 within `open_timeout`, or the closing handshake within `close_timeout` after it started,
 is dropped.
@@ -38,6 +43,8 @@ from websockets.server import ServerProtocol
 
 from shoal.core.metrics import counters
 from shoal.core.protocol import frames_end, whole_messages
+from shoal.workers import exchange
+from shoal.workers.exchange import Exchange, Responder
 from shoal.workers.inflation import Budget, frame_size
 
 logger = logging.getLogger(__name__)
@@ -79,6 +86,14 @@ class Handlers(Protocol):
     def made(self, ws: WebSocket) -> None:
         """A TCP connection was accepted; its handshake is to come."""
 
+    def responder(self, ws: WebSocket) -> Responder | None:
+        """The connection's first read cannot begin a handshake (its first byte is not
+        `G`): what answers its plain HTTP requests. None: nothing is served, the first
+        request gets 405 (`exchange.refuse`), and the connection closes.
+
+        `lost(ws)` follows at once: the connection is the exchange's from then on.
+        """
+
     def route(self, ws: WebSocket, request: Request) -> Response | Deferred | None:
         """Answer a plain HTTP request or refuse a handshake; None to accept it; `DEFER`
         to decide later, with `ws.respond()` (reading from the client pauses meanwhile)."""
@@ -115,6 +130,13 @@ class Settings:
     """Picks the `Sec-WebSocket-Protocol` to answer from the client's offers."""
     inflate_rate: int = 4 * 1024 * 1024
     """Inflated bytes per second a compressed connection may send (`inflation.Budget`)."""
+    http_max_head: int = exchange.MAX_HEAD
+    """Bytes of a plain HTTP request's line and headers (`Exchange`); 431 past it. Such a
+    request has `open_timeout` seconds to arrive whole."""
+    http_max_body: int = exchange.MAX_BODY
+    """Bytes of a plain HTTP request's body; 413 past it."""
+    http_idle_timeout: float = exchange.IDLE_TIMEOUT
+    """Seconds a plain HTTP connection is kept open for its next request."""
 
     @classmethod
     def make(
@@ -199,6 +221,7 @@ class WebSocket(asyncio.Protocol):
         "_eof",
         "_failed",
         "_fast",
+        "_first",
         "_fragments",
         "_held",
         "_inflated",
@@ -254,6 +277,8 @@ class WebSocket(asyncio.Protocol):
         self._fragments: list[Any] | None = None
         self._decoder: Any = None
         self._lost: asyncio.Future[None] | None = None
+        # Nothing was read yet: the first read decides between websockets and plain HTTP.
+        self._first = True
         # The fast path for whole messages (`_fast_path`), and the start of a frame it
         # holds back until the frame is whole.
         self._fast = False
@@ -340,6 +365,11 @@ class WebSocket(asyncio.Protocol):
         """Give `data` to websockets and handle what it makes of it."""
         protocol = self.protocol
         opening = protocol.state is CONNECTING
+        if opening and self._first:  # never again once a read is handled
+            self._first = False
+            if data[:1] != b"G":
+                self._exchange(data)
+                return
         protocol.receive_data(data)
         events = protocol.events_received()
         if protocol.state is OPEN or protocol.state is CONNECTING:
@@ -371,6 +401,32 @@ class WebSocket(asyncio.Protocol):
             self._timer = self.loop.call_later(
                 self.settings.close_timeout, self._too_slow, "closing"
             )
+
+    def _exchange(self, data: bytes) -> None:
+        """Hand the connection, with `data`, its first read, to a plain HTTP exchange."""
+        transport = self.transport
+        assert transport is not None
+        if self._timer is not None:  # the opening handshake's timer
+            self._timer.cancel()
+            self._timer = None
+        handlers = self.handlers
+        settings = self.settings
+        responder = handlers.responder(self)
+        served = Exchange(
+            exchange.refuse if responder is None else responder,
+            max_head=settings.http_max_head,
+            max_body=settings.http_max_body,
+            request_timeout=settings.open_timeout,
+            idle_timeout=settings.http_idle_timeout,
+        )
+        self.transport = None
+        transport.set_protocol(served)
+        served.adopt(transport, data)
+        # Gone, for whoever waits for it and for the handlers (their count of handshakes
+        # under way stays right).
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+        handlers.lost(self)
 
     def replied(self) -> None:
         """Every message received before the close has been answered: send the close."""

@@ -122,6 +122,27 @@ def test_plain_http_and_bad_upgrades(shoal: Shoal) -> None:
     assert "Traceback" not in shoal.log()
 
 
+async def test_requests_with_bodies_are_plain_http_and_websockets_serve_on(shoal: Shoal) -> None:
+    """A request that cannot be a handshake (not a GET) is served as plain HTTP: nothing
+    answers it yet, so 405 and the connection closes; WebSockets work on the same port."""
+    body = b'{"name":"x","channels":["a"],"data":"{}"}'
+    post = (
+        b"POST /apps/1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    assert shoal.admin_port is not None
+    for port in (shoal.port, shoal.admin_port):
+        status, data = raw_http(port, post)  # read until the server closes
+        head, answer = data.split(b"\r\n\r\n", 1)
+        assert status == 405 and b"\r\nallow: GET\r\n" in head
+        assert json.loads(answer) == {"error": "method not allowed"}
+        assert raw_http(port, b"DELETE /ws HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 405
+    async with client(shoal.url("ann")) as ann:
+        assert (await ann.request({"type": "ping"}, "echo"))["data"] == {"type": "ping"}
+    assert shoal.health(expect_ok=True)
+    assert "Traceback" not in shoal.log()
+
+
 async def test_max_connection_gives_503(tmp_path: Path, settings: dict[str, Any]) -> None:
     """Past max_connection, a handshake gets HTTP 503; a freed place admits again."""
     settings["server"]["max_connection"] = 2

@@ -19,6 +19,7 @@ from websockets.http11 import Request, Response
 from websockets.uri import parse_uri
 
 from shoal.workers import transport
+from shoal.workers.exchange import Responder
 
 MAX_SIZE = 100_000
 
@@ -32,6 +33,9 @@ class Recorder:
 
     def made(self, ws: transport.WebSocket) -> None:
         pass
+
+    def responder(self, ws: transport.WebSocket) -> Responder | None:
+        raise AssertionError("every connection here is a WebSocket")
 
     def route(self, ws: transport.WebSocket, request: Request) -> Response | None:
         return None
