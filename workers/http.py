@@ -18,7 +18,7 @@ import orjson
 from websockets.http11 import Request, Response
 
 from shoal.workers import demo, exposition
-from shoal.workers.exchange import Responder
+from shoal.workers.exchange import HttpResponse, Responder
 from shoal.workers.transport import WebSocket
 
 HEALTH_PATH = "/healthz"
@@ -90,6 +90,18 @@ def json_response(ws: WebSocket, status: int, body: Mapping[str, Any], **headers
                        "application/json")  # fmt: skip
     for name, value in headers.items():
         response.headers[name.replace("_", "-")] = value
+    return response
+
+
+def plain_response(ws: WebSocket, answer: HttpResponse) -> Response:
+    """A responder's answer (`shoal.workers.exchange`) to a request that reached
+    websockets' parser (a GET), written as a refused handshake: the connection closes."""
+    response = ws.protocol.reject(answer.status, "")
+    headers = dict(answer.headers)
+    content_type = headers.pop("content-type", "text/plain; charset=utf-8")
+    response = _answer(response, answer.body, content_type)
+    for name, value in headers.items():
+        response.headers[name] = value
     return response
 
 

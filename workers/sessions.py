@@ -37,14 +37,14 @@ from shoal.core.errors import ProtocolError, ServiceUnavailable
 from shoal.core.jobs import Outcome
 from shoal.core.metrics import BINARY, FRAME_ERRORS, OTHER, TEXT, counters
 from shoal.core.schema import ADVICE, CloseCode
-from shoal.workers import eager
+from shoal.workers import eager, pusherapi
 from shoal.workers import pusher as pusher_endpoint
 from shoal.workers.addresses import counted_as
 from shoal.workers.admission import Admission
 from shoal.workers.connection import Connection
-from shoal.workers.exchange import Responder
+from shoal.workers.exchange import HttpRequest, HttpResponse, Responder
 from shoal.workers.gate import Gate
-from shoal.workers.http import Route, json_response
+from shoal.workers.http import Route, json_response, plain_response
 from shoal.workers.hub import Hub
 from shoal.workers.keeper import Departures, Keeper
 from shoal.workers.pusher import Pusher
@@ -57,6 +57,7 @@ _INBOX_HIGH = 64
 _INBOX_LOW = 16
 _CLOSED = object()  # the inbox's last item: the connection is gone
 _RATE_LIMITED = {"type": "error", "message": "Rate limit exceeded"}
+_INTERNAL_ERROR = b'{"error": "internal error"}\n'
 # Who a Pusher client is at its handshake: its app decides the rest (`opened`).
 PUSHER_IDENTITY = Identity(pusher_endpoint.USER_PREFIX, "pusher")
 
@@ -97,6 +98,7 @@ class Sessions:
     ) -> None:
         self.worker_id = worker_id
         self.pusher = pusher
+        self.api = responder if pusher is not None else None
         # A Pusher client's id is its socket_id, `<n>.<m>`: `n` is this worker's, random
         # among 9 * 10**14 (two of a thousand live workers share one with a chance of
         # about 6 in 10**10), since the server libraries accept digits only.
@@ -133,6 +135,19 @@ class Sessions:
         return self.http_responder
 
     def route(self, ws: WebSocket, request: Request) -> Response | Deferred | None:
+        api = self.api
+        if api is not None and pusherapi.handles(request.path.partition("?")[0]):
+            # A GET of the Pusher HTTP API, the first request of its connection (later
+            # ones, and every other method, reach the `Exchange` that `responder` serves).
+            exchange = HttpRequest(
+                request.method,
+                request.path,
+                [(name.lower(), value) for name, value in request.headers.raw_items()],
+                b"",
+                ws.remote_host,
+            )
+            self.hub.spawn(self._answer(ws, api, exchange))
+            return DEFER
         response = self.router(ws, request)
         if response is not None or not ws.admitted:  # answered, or not an upgrade
             return response
@@ -173,6 +188,20 @@ class Sessions:
         self.registering.add(checked)
         checked.add_done_callback(functools.partial(self._checked, ws))
         return DEFER
+
+    @staticmethod
+    async def _answer(ws: WebSocket, api: Responder, request: HttpRequest) -> None:
+        """Answer a deferred plain HTTP request with what `api` says."""
+        try:
+            answer = await api(request)
+        except Exception:
+            logger.exception(
+                "answering %s %s failed", request.method, request.target.partition("?")[0]
+            )
+            answer = HttpResponse(
+                500, b'{"error": "internal error"}\n', [("content-type", "application/json")]
+            )
+        ws.respond(plain_response(ws, answer))
 
     def _checked(self, ws: WebSocket, checked: asyncio.Future[list[Any]]) -> None:
         """The Redis checks of a deferred handshake came back: accept or refuse it."""

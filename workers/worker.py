@@ -52,7 +52,7 @@ from shoal.core.placement import Placement as ChildPlacement
 from shoal.core.registry import Registry, connect
 from shoal.core.resp import RedisAddress, Timeouts
 from shoal.core.schema import ADVICE, CloseCode
-from shoal.workers import demo, exposition, gate, http, pusher, tls, transport
+from shoal.workers import demo, exposition, gate, http, pusher, pusherapi, tls, transport
 from shoal.workers.addresses import Addresses
 from shoal.workers.admission import Admission
 from shoal.workers.dispatcher import Tasks
@@ -192,6 +192,7 @@ class Worker:
             rates=Rates.from_config(config.limits),
             log_connections=config.log.connections,
             pusher=endpoint,
+            responder=None if endpoint is None else pusherapi.Api(config.pusher, self.hub),
         )
         self.hub.on_departed = self.sessions.departed
         self.tasks.on_outcome = self.sessions.task_outcome

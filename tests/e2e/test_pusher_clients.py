@@ -138,7 +138,7 @@ class Agent:
         """The data of the next `event` on `channel`."""
         thing = self.expect(lambda t: t["type"] == "event" and t["channel"] == channel
                             and t["event"] == event, timeout)  # fmt: skip
-        return thing["data"]
+        return thing.get("data")
 
     def nothing(self, match: Callable[[dict[str, Any]], bool], seconds: float = 0.5) -> None:
         with pytest.raises(AssertionError, match="nothing matching"):
@@ -261,7 +261,7 @@ def test_signed_in_users_get_their_own_events_and_can_be_terminated(
     ann, bo = agents("ann", "bo")
     for agent in (ann, bo):
         agent.send("signin")
-        agent.expect(subscribed(f"#server-to-user-{agent.user}"))
+        assert agent.expect(lambda t: t["type"] == "signed_in")["user_data"] == {"id": agent.user}
     library.send_to_user("ann", "notice", {"for": "ann"})
     assert ann.expect(lambda t: t["type"] == "user_event" and t["event"] == "notice")["data"] == {
         "for": "ann"}  # fmt: skip

@@ -5,25 +5,25 @@ that neither end is shoal's code."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import queue
 import signal
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pusher as pusher_library
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from pushers import PusherSocket, app_url, pusher_client, spread_clients
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from shoal.core.emitter import AsyncEmitter
 
-from support import SCALE, RedisServer, Shoal, eventually
+from support import SCALE, RedisServer, Shoal, eventually, upgrade_request
 
 APP_ID, KEY, SECRET = "4242", "shoal-key", "shoal-secret-0123456789"
 PUSHER_APPS = {"apps": [{"id": APP_ID, "key": KEY, "secret": SECRET}]}
@@ -39,77 +39,6 @@ def signer() -> pusher_library.Pusher:
     return pusher_library.Pusher(app_id=APP_ID, key=KEY, secret=SECRET)
 
 
-class PusherSocket:
-    """A Pusher client speaking protocol 7 over plain websockets."""
-
-    def __init__(self, ws: ClientConnection, established: dict[str, Any]) -> None:
-        self.ws = ws
-        self.socket_id: str = established["socket_id"]
-        self.activity_timeout: int = established["activity_timeout"]
-
-    @property
-    def worker(self) -> str:
-        return self.socket_id.split(".")[0]
-
-    async def send(self, event: str, data: Any, channel: str | None = None) -> None:
-        message: dict[str, Any] = {"event": event, "data": data}
-        if channel is not None:
-            message["channel"] = channel
-        await self.ws.send(json.dumps(message))
-
-    async def recv(self, timeout: float = 5) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            message: dict[str, Any] = json.loads(await self.ws.recv())
-        return message
-
-    async def expect(self, event: str, timeout: float = 5) -> dict[str, Any]:
-        """The next frame, which must be `event`; its `data` parsed when a string."""
-        message = await self.recv(timeout)
-        assert message["event"] == event, message
-        data = message.get("data")
-        if isinstance(data, str):
-            with contextlib.suppress(ValueError):
-                message["data"] = json.loads(data)
-        return message
-
-    async def silent(self, seconds: float = 0.3) -> None:
-        with pytest.raises(TimeoutError):
-            print(await self.recv(seconds))
-
-    async def subscribe(self, channel: str, **auth: Any) -> dict[str, Any]:
-        await self.send("pusher:subscribe", {"channel": channel, **auth})
-        return await self.expect("pusher_internal:subscription_succeeded")
-
-
-def app_url(shoal: Shoal, key: str = KEY) -> str:
-    return shoal.url(path=f"/app/{key}").split("?")[0] + "?protocol=7&client=js&version=8.6.0"
-
-
-@contextlib.asynccontextmanager
-async def pusher_client(shoal: Shoal) -> AsyncIterator[PusherSocket]:
-    async with connect(app_url(shoal)) as ws:
-        first = json.loads(await ws.recv())
-        assert first["event"] == "pusher:connection_established", first
-        yield PusherSocket(ws, json.loads(first["data"]))
-
-
-@contextlib.asynccontextmanager
-async def spread_clients(shoal: Shoal, count: int) -> AsyncIterator[list[PusherSocket]]:
-    """`count` clients, on both workers."""
-    async with contextlib.AsyncExitStack() as stack:
-        chosen: list[PusherSocket] = []
-        for _ in range(200):
-            c = await stack.enter_async_context(pusher_client(shoal))
-            workers = {x.worker for x in chosen}
-            if c.worker in workers and len(workers) < 2 and len(chosen) == count - 1:
-                continue
-            chosen.append(c)
-            if len(chosen) == count:
-                break
-        assert len({c.worker for c in chosen}) == 2 or count == 1
-        yield chosen
-
-
 def presence_auth(signer: pusher_library.Pusher, c: PusherSocket, channel: str,
                   user_id: Any, info: Any = None) -> dict[str, Any]:  # fmt: skip
     data: dict[str, Any] = {"user_id": user_id}
@@ -119,7 +48,7 @@ def presence_auth(signer: pusher_library.Pusher, c: PusherSocket, channel: str,
 
 
 async def test_connection_established_and_ping(shoal: Shoal) -> None:
-    async with pusher_client(shoal) as c:
+    async with pusher_client(shoal, KEY) as c:
         assert c.socket_id.count(".") == 1 and c.socket_id.replace(".", "").isdigit()
         assert c.activity_timeout == 30
         await c.send("pusher:ping", {})
@@ -127,7 +56,7 @@ async def test_connection_established_and_ping(shoal: Shoal) -> None:
 
 
 async def test_an_unknown_key_is_told_4001_and_closed_with_it(shoal: Shoal) -> None:
-    async with connect(app_url(shoal, key="nope")) as ws:
+    async with connect(app_url(shoal, "nope")) as ws:
         error = json.loads(await ws.recv())
         assert error == {
             "event": "pusher:error",
@@ -141,7 +70,7 @@ async def test_an_unknown_key_is_told_4001_and_closed_with_it(shoal: Shoal) -> N
 async def test_public_and_private_subscriptions(
     shoal: Shoal, signer: pusher_library.Pusher
 ) -> None:
-    async with pusher_client(shoal) as c:
+    async with pusher_client(shoal, KEY) as c:
         assert (await c.subscribe("orders", auth=""))["channel"] == "orders"
         signed = signer.authenticate(channel="private-a", socket_id=c.socket_id)
         assert (await c.subscribe("private-a", **signed))["channel"] == "private-a"
@@ -159,7 +88,7 @@ async def test_presence_members_are_users_across_workers(
     shoal: Shoal, signer: pusher_library.Pusher
 ) -> None:
     channel = "presence-room"
-    async with spread_clients(shoal, 3) as (ann, bo, ann_again):
+    async with spread_clients(shoal, KEY, 3) as (ann, bo, ann_again):
         signed = presence_auth(signer, ann, channel, 1, {"n": "Ann"})
         joined = await ann.subscribe(channel, **signed)
         assert joined["data"]["presence"] == {"ids": ["1"], "hash": {"1": {"n": "Ann"}}, "count": 1}
@@ -188,7 +117,7 @@ async def test_client_events_reach_other_subscribers_only(
     shoal: Shoal, signer: pusher_library.Pusher
 ) -> None:
     channel = "presence-typing"
-    async with spread_clients(shoal, 2) as (ann, bo):
+    async with spread_clients(shoal, KEY, 2) as (ann, bo):
         await ann.subscribe(channel, **presence_auth(signer, ann, channel, "ann"))
         await bo.subscribe(channel, **presence_auth(signer, bo, channel, "bo"))
         await ann.expect("pusher_internal:member_added")
@@ -209,7 +138,7 @@ async def test_client_events_reach_other_subscribers_only(
 async def test_client_events_over_the_rate_are_refused_with_4301(
     shoal: Shoal, signer: pusher_library.Pusher
 ) -> None:
-    async with spread_clients(shoal, 2) as (ann, bo):
+    async with spread_clients(shoal, KEY, 2) as (ann, bo):
         for c in (ann, bo):
             await c.subscribe("private-x", **signer.authenticate("private-x", c.socket_id))
         for n in range(11):
@@ -222,7 +151,7 @@ async def test_client_events_over_the_rate_are_refused_with_4301(
 
 
 async def test_a_reload_closes_pusher_clients_with_4200(shoal: Shoal) -> None:
-    async with pusher_client(shoal) as c:
+    async with pusher_client(shoal, KEY) as c:
         shoal.signal(signal.SIGHUP)
         with pytest.raises(ConnectionClosed) as closed:
             await c.recv(timeout=30)  # nothing comes before the close
@@ -233,7 +162,7 @@ async def test_members_of_a_killed_worker_are_removed_by_the_sweep(
     shoal: Shoal, signer: pusher_library.Pusher, redis_server: RedisServer, prefix: str
 ) -> None:
     channel = "presence-crash"
-    async with spread_clients(shoal, 2) as (ann, bo):
+    async with spread_clients(shoal, KEY, 2) as (ann, bo):
         await ann.subscribe(channel, **presence_auth(signer, ann, channel, "ann"))
         await bo.subscribe(channel, **presence_auth(signer, bo, channel, "bo"))
         await ann.expect("pusher_internal:member_added")
@@ -244,7 +173,7 @@ async def test_members_of_a_killed_worker_are_removed_by_the_sweep(
         assert removed["data"] == {"user_id": "bo"}
 
     async def alone() -> bool:
-        async with pusher_client(shoal) as c:
+        async with pusher_client(shoal, KEY) as c:
             joined = await c.subscribe(channel, **presence_auth(signer, c, channel, "probe"))
             return bool(joined["data"]["presence"]["ids"] == ["probe"])
 
@@ -256,7 +185,7 @@ async def test_the_emitter_reaches_pusher_channels(
 ) -> None:
     emitter = AsyncEmitter(redis_server.url, prefix)
     try:
-        async with spread_clients(shoal, 2) as (ann, bo):
+        async with spread_clients(shoal, KEY, 2) as (ann, bo):
             for c in (ann, bo):
                 await c.subscribe("orders", auth="")
             assert await emitter.trigger(APP_ID, "orders", "shipped", {"id": 7}) == 2
@@ -333,7 +262,7 @@ async def test_webhooks_fire_once_per_transition_across_workers(
     webhook_shoal: Shoal, signer: pusher_library.Pusher, receiver: WebhookReceiver
 ) -> None:
     channel = "presence-hooks"
-    async with spread_clients(webhook_shoal, 2) as (ann, bo):
+    async with spread_clients(webhook_shoal, KEY, 2) as (ann, bo):
         await ann.subscribe(channel, **presence_auth(signer, ann, channel, "ann"))
         assert await receiver.next() == {"name": "channel_occupied", "channel": channel}
         assert await receiver.next() == {"name": "member_added", "channel": channel,
@@ -362,3 +291,37 @@ async def test_webhooks_fire_once_per_transition_across_workers(
         ("channel_vacated", "cache-empty"),
     }
     await receiver.nothing()
+
+
+def server_frames(wire: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of the unmasked frames a server sent, up to the first cut short."""
+    frames, at = [], wire.index(b"\r\n\r\n") + 4  # after the 101
+    while at + 2 <= len(wire):
+        opcode, length = wire[at] & 0x0F, wire[at + 1] & 0x7F
+        at += 2
+        if length >= 126:
+            size = 2 if length == 126 else 8
+            length, at = int.from_bytes(wire[at : at + size], "big"), at + size
+        frames.append((opcode, wire[at : at + length]))
+        at += length
+    return frames
+
+
+async def test_a_client_that_stops_answering_is_closed_with_4201(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    settings["server"].update(heartbeat_check_interval=0.5, heartbeat_idle_time=1.5)
+    node = Shoal(tmp_path, settings).start()
+    try:
+        # A hand-made client that answers nothing, not even the server's pings.
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        writer.write(upgrade_request(f"/app/{KEY}?protocol=7"))
+        async with asyncio.timeout(10 * SCALE):
+            wire = await reader.read(-1)  # until the server ends the connection
+        writer.close()
+    finally:
+        node.stop()
+    frames = server_frames(wire)
+    assert json.loads(frames[0][1])["event"] == "pusher:connection_established"
+    assert 0x9 in [opcode for opcode, _ in frames]  # pinged first
+    assert frames[-1][0] == 0x8 and int.from_bytes(frames[-1][1][:2], "big") == 4201

@@ -75,6 +75,8 @@ function run(command) {
     }
     case "signin":
       pusher.signin();
+      pusher.user.signinDonePromise.then(() =>
+        emit({ type: "signed_in", user_data: pusher.user.user_data }));
       break;
     case "disconnect":
       pusher.disconnect();
