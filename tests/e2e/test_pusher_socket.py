@@ -5,6 +5,7 @@ that neither end is shoal's code."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import queue
@@ -20,6 +21,7 @@ import pytest
 from pushers import PusherSocket, app_url, pusher_client, spread_clients
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Origin
 
 from shoal.core.emitter import AsyncEmitter
 
@@ -325,3 +327,74 @@ async def test_a_client_that_stops_answering_is_closed_with_4201(
     assert json.loads(frames[0][1])["event"] == "pusher:connection_established"
     assert 0x9 in [opcode for opcode, _ in frames]  # pinged first
     assert frames[-1][0] == 0x8 and int.from_bytes(frames[-1][1][:2], "big") == 4201
+
+
+async def test_each_apps_limits_and_channels_are_its_own(
+    tmp_path: Path, settings: dict[str, Any], signer: pusher_library.Pusher
+) -> None:
+    apps = [
+        {"id": APP_ID, "key": KEY, "secret": SECRET},
+        {"id": "2", "key": "small", "secret": SECRET, "max_connections": 1,
+         "client_events": "off"},
+        {"id": "3", "key": "off", "secret": SECRET, "enabled": False},
+        {"id": "4", "key": "site", "secret": SECRET, "allowed_origins": ["https://app.test"]},
+    ]  # fmt: skip
+    node = Shoal(tmp_path, {**settings, "pusher": {"apps": apps}}).start()
+    small = pusher_library.Pusher(app_id="2", key="small", secret=SECRET)
+    try:
+        async with pusher_client(node, KEY) as ann, pusher_client(node, "small") as bo:
+            # Two apps, one channel name: neither sees the other's events.
+            await ann.subscribe("private-x", **signer.authenticate("private-x", ann.socket_id))
+            await bo.subscribe("private-x", **small.authenticate("private-x", bo.socket_id))
+            await bo.send("client-hi", {}, "private-x")  # client events are off for app 2
+            assert (await bo.expect("pusher:error"))["data"]["code"] == 4301
+            await ann.silent()
+
+            # Over app 2's max_connections: told 4004, and closed with it.
+            async with connect(app_url(node, "small")) as third:
+                error = json.loads(await third.recv())
+                assert error["data"]["code"] == 4004
+                with pytest.raises(ConnectionClosed) as closed:
+                    await third.recv()
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 4004
+
+        for key, origin, code in (("off", None, 4003), ("site", "https://evil.test", 4009)):
+            headers = {"Origin": origin} if origin else {}
+            async with connect(app_url(node, key), additional_headers=headers) as refused:
+                assert json.loads(await refused.recv())["data"]["code"] == code
+                with pytest.raises(ConnectionClosed) as closed:
+                    await refused.recv()
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == code
+        async with connect(app_url(node, "site"), origin=Origin("https://app.test")) as welcome:
+            assert "connection_established" in await welcome.recv()
+    finally:
+        node.stop()
+
+
+async def test_presence_and_encrypted_channels_refuse_what_pusher_refuses(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    app = {"id": "2", "key": "small", "secret": SECRET, "max_presence_members": 1}
+    node = Shoal(tmp_path, {**settings, "pusher": {"apps": [app]}}).start()
+    # The library signs encrypted channels only with a master key (the server never sees it).
+    master = base64.b64encode(b"k" * 32).decode()
+    small = pusher_library.Pusher(app_id="2", key="small", secret=SECRET,
+                                  encryption_master_key_base64=master)  # fmt: skip
+    try:
+        async with spread_clients(node, "small", 2) as (ann, bo):
+            await ann.subscribe("presence-p", **small.authenticate(
+                "presence-p", ann.socket_id, {"user_id": "ann"}))  # fmt: skip
+            await bo.send("pusher:subscribe", {"channel": "presence-p", **small.authenticate(
+                "presence-p", bo.socket_id, {"user_id": "bo"})})  # fmt: skip
+            refused = await bo.expect("pusher:subscription_error")
+            assert refused["channel"] == "presence-p" and refused["data"]["status"] == 403
+            await ann.silent()  # no member_added for a member refused
+
+            name = "private-encrypted-x"
+            for c in (ann, bo):
+                await c.subscribe(name, auth=small.authenticate(name, c.socket_id)["auth"])
+            await ann.send("client-e", {"ciphertext": "..."}, name)
+            assert (await ann.expect("pusher:error"))["data"]["code"] == 4301
+            await bo.silent()
+    finally:
+        node.stop()
