@@ -107,9 +107,9 @@ HIDDEN = "***"
 
 def dump(config: Config) -> str:
     """The resolved configuration as YAML, every key included, secrets hidden: the
-    password in `redis.url`, `tasks.smtp.password` and `auth.jwt.secret` read `***`
-    (the output of
-    `shoal check-config` ends up in terminals, tickets and CI logs)."""
+    password in `redis.url`, `tasks.smtp.password`, `auth.jwt.secret` and each
+    `pusher.apps[].secret` read `***` (the output of `shoal check-config` ends up in
+    terminals, tickets and CI logs)."""
     data = config.model_dump(mode="json")
     data["redis"]["url"] = _without_password(data["redis"]["url"])
     smtp = data["tasks"]["smtp"]
@@ -118,6 +118,9 @@ def dump(config: Config) -> str:
     jwt = data["auth"]["jwt"]
     if jwt is not None and jwt["secret"] is not None:
         jwt["secret"] = HIDDEN
+    for app in data["pusher"]["apps"]:
+        if app["secret"] is not None:
+            app["secret"] = HIDDEN
     return yaml.safe_dump(data, sort_keys=False)
 
 

@@ -171,12 +171,13 @@ def test_dump_hides_passwords(tmp_path: Path, url: str, shown: str) -> None:
     path = write(
         tmp_path,
         f"redis: {{url: '{url}'}}\ntasks: {{smtp: {{password: hunter2}}}}\n"
-        "auth: {jwt: {secret: the-jwt-secret-of-at-least-32-chars}}\n",
+        "auth: {jwt: {secret: the-jwt-secret-of-at-least-32-chars}}\n"
+        "pusher: {apps: [{id: '1', key: k, secret: the-pusher-app-secret}]}\n",
     )
     text = dump(load(path, environ={}))
     assert f"url: {shown}\n" in text
     assert "sekret" not in text and "hunter2" not in text
-    assert "the-jwt-secret" not in text
+    assert "the-jwt-secret" not in text and "the-pusher-app-secret" not in text
 
 
 def test_allowed_origins_must_be_origins(tmp_path: Path) -> None:
@@ -196,3 +197,42 @@ def test_a_byte_burst_below_the_largest_message_is_refused(tmp_path: Path) -> No
         tmp_path, "server: {max_message_size: 2097152}\nlimits: {bytes_per_second: null}\n"
     )
     assert load(lifted, environ={}).limits.bytes_per_second is None
+
+
+@pytest.mark.parametrize(
+    ("apps", "error"),
+    [
+        ("[{id: app1, key: k, secret: 0123456789abcdef}]", r"pusher.apps.0.id.*digits"),
+        ("[{id: '1', key: 'k k', secret: 0123456789abcdef}]", r"pusher.apps.0.key"),
+        ("[{id: '1', key: k}]", r"pusher.apps.0.*exactly one of secret, secret_env"),
+        ("[{id: '1', key: k, secret: short}]", r"pusher.apps.0.*at least 16"),
+        ("[{id: '1', key: k, secret_env: NOT_SET_ANYWHERE}]", r"environment has no NOT_SET"),
+        (
+            "[{id: '1', key: a, secret: 0123456789abcdef}, {id: '1', key: b, "
+            "secret: 0123456789abcdef}]",
+            r"pusher.apps.*two apps have the id '1'",
+        ),
+        (
+            "[{id: '1', key: k, secret: 0123456789abcdef, webhooks: [{url: ftp://x}]}]",
+            r"pusher.apps.0.webhooks.0.url.*http",
+        ),
+        (
+            "[{id: '1', key: k, secret: 0123456789abcdef, "
+            "webhooks: [{url: 'http://x', event_types: [nope]}]}]",
+            r"pusher.apps.0.webhooks.0.event_types",
+        ),
+    ],
+)
+def test_pusher_apps_are_checked(tmp_path: Path, apps: str, error: str) -> None:
+    path = write(tmp_path, f"pusher: {{apps: {apps}}}\n")
+    with pytest.raises(ConfigError, match=error):
+        load(path, environ={})
+
+
+def test_pusher_webhooks_give_a_task_pool_by_default(tmp_path: Path) -> None:
+    hooks = "webhooks: [{url: 'https://app.test/hooks'}]"
+    path = write(tmp_path, f"app: {{module: echo}}\npusher: {{apps: [{{id: '1', key: k, "
+                           f"secret: 0123456789abcdef, {hooks}}}]}}\n")  # fmt: skip
+    assert load(path, environ={}).task_processes == 2
+    plain = write(tmp_path, "app: {module: echo}\n")
+    assert load(plain, environ={}).task_processes == 0
