@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 from websockets.sync.server import ServerConnection, serve
 from websockets.typing import Subprotocol
@@ -202,7 +203,10 @@ def echo_server() -> Iterator[tuple[str, list[Seen]]]:
         seen.append(record)
         for message in ws:
             record.received.append(message)
-            ws.send(message)
+            # The client may close right after sending: what it sent before is still
+            # read, and the echo is dropped.
+            with contextlib.suppress(ConnectionClosed):
+                ws.send(message)
         record.close_code = ws.close_code
         record.done.set()
 
@@ -248,23 +252,36 @@ def test_ctrl_c_closes_with_1000_after_sending_the_token_headers_and_subprotocol
     assert connection.close_code == 1000
 
 
-def test_json_through_pipes_gives_one_value_per_line_and_eof_closes_with_1000() -> None:
-    """What a script sees: stdin and stdout are pipes; stdin ends at once, and what was
-    typed before still goes out, then its replies come back, then a clean close."""
+def test_json_through_pipes_gives_one_value_per_line_and_quit_closes_with_1000() -> None:
+    """What a script sees: stdin and stdout are pipes; each reply is one JSON value per
+    line; `/quit` closes with 1000 and what follows it is not sent."""
     with echo_server() as (url, seen):
-        typed = '{"type": "hello", "n": 1}\nplain text\n/binary 0102ff\n//slash\n\n/quit\nafter\n'
-        result = subprocess.run(
+        process = subprocess.Popen(
             [*SHOAL, "connect", "--json", url],
-            input=typed, capture_output=True, text=True, timeout=30 * SCALE,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        assert seen and seen[0].done.wait(10 * SCALE)
-    assert result.returncode == 0, result.stderr
+        assert process.stdin is not None and process.stdout is not None
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(process.stdout or ()), daemon=True)
+        reader.start()
+        process.stdin.write('{"type": "hello", "n": 1}\nplain text\n/binary 0102ff\n//slash\n\n')
+        process.stdin.flush()
+        # The replies come back before the script quits: a close right after sending would
+        # race the echoes (a server answers a close at once, before what it still sends).
+        wait_until(lambda: seen and len(seen[0].received) == 4, 10, "four messages sent")
+        wait_until(lambda: len(lines) == 4, 10, "four replies printed")
+        process.stdin.write("/quit\nafter\n")
+        process.stdin.close()
+        assert process.wait(timeout=30 * SCALE) == 0
+        reader.join(5)
+        stderr = process.stderr.read() if process.stderr else ""
+        assert seen[0].done.wait(10 * SCALE)
     sent = ['{"type": "hello", "n": 1}', "plain text", b"\x01\x02\xff", "/slash"]
-    assert seen[0].received == sent
+    assert seen[0].received == sent  # not "after"
     assert seen[0].close_code == 1000
-    received = [json.loads(line) for line in result.stdout.splitlines()]
+    received = [json.loads(line) for line in lines]
     assert received == [{"type": "hello", "n": 1}, "plain text", {"binary": "0102ff"}, "/slash"]
-    events = [json.loads(line) for line in result.stderr.splitlines()]
+    events = [json.loads(line) for line in stderr.splitlines()]
     assert [e["event"] for e in events if e["event"] != "queued"] == [
         "connected",
         "disconnected",
@@ -274,6 +291,19 @@ def test_json_through_pipes_gives_one_value_per_line_and_eof_closes_with_1000() 
         {"event": "disconnected", "code": 1000, "reason": "", "reconnect": False},
         {"event": "closed", "code": 1000},
     ]
+
+
+def test_the_end_of_input_closes_with_1000_after_sending_what_was_typed() -> None:
+    """stdin ends at once: what was typed before still goes out, then a clean close."""
+    with echo_server() as (url, seen):
+        result = subprocess.run(
+            [*SHOAL, "connect", "--json", url],
+            input="one\ntwo\n", capture_output=True, text=True, timeout=30 * SCALE,
+        )  # fmt: skip
+        assert seen and seen[0].done.wait(10 * SCALE)
+    assert result.returncode == 0, result.stderr
+    assert seen[0].received == ["one", "two"]
+    assert seen[0].close_code == 1000
 
 
 def test_a_kick_ends_it_with_status_1_and_no_reconnection(

@@ -31,6 +31,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _node_version() -> tuple[int, ...]:
+    found = subprocess.run(["node", "--version"], capture_output=True, text=True, check=False)
+    return tuple(
+        int(part) for part in found.stdout.strip().lstrip("v").split(".")[:2] if part.isdigit()
+    )
+
+
+# Laravel Echo 2.5.0 is an ES module for Node 20.19 or newer ("engines" in its package).
+needs_echo_node = pytest.mark.skipif(
+    shutil.which("node") is None or _node_version() < (20, 19),
+    reason="Laravel Echo 2.5.0 needs Node.js 20.19 or newer (./dev says which it found)",
+)
+
+
 @pytest.fixture
 def settings(settings: dict[str, Any]) -> dict[str, Any]:
     return {**settings, "pusher": {"apps": [{"id": APP_ID, "key": KEY, "secret": SECRET}]}}
@@ -226,6 +240,7 @@ def test_a_refused_private_channel_reaches_the_clients_error_callback(
     assert refused["data"]["status"] == 403
 
 
+@needs_echo_node
 def test_laravel_echo_presence_whispers_and_private_events(
     agents: Callable[..., list[Agent]], library: pusher_library.Pusher
 ) -> None:
@@ -297,3 +312,37 @@ def test_pusher_js_reconnects_and_resubscribes_after_a_server_restart(
     ann.expect(subscribed("presence-ops"))
     library.trigger("presence-ops", "after", {"ok": True})
     assert ann.event("presence-ops", "after") == {"ok": True}
+
+
+def test_pusher_js_on_two_nodes_sharing_one_redis(
+    tmp_path: Path, settings: dict[str, Any], auth: AuthEndpoint
+) -> None:
+    first, second = Shoal(tmp_path / "a", settings), Shoal(tmp_path / "b", settings)
+    agents: list[Agent] = []
+    try:
+        first.start()
+        second.start()
+        ann, bo = Agent(first, auth, "ann"), Agent(second, auth, "bo")
+        agents += [ann, bo]
+        for agent in (ann, bo):
+            agent.send("subscribe", channel="presence-span")
+            assert agent.expect(subscribed("presence-span"))["event"].endswith("succeeded")
+        bo.send("members", channel="presence-span")
+        assert bo.expect(lambda t: t["type"] == "members")["ids"] == ["ann", "bo"]
+        assert ann.event("presence-span", "pusher:member_added")["id"] == "bo"
+
+        # Laravel's broadcast()->toOthers() through node a, bo's socket on node b.
+        server = pusher_library.Pusher(app_id=APP_ID, key=KEY, secret=SECRET,
+                                       host="127.0.0.1", port=first.port, ssl=False)  # fmt: skip
+        server.trigger("presence-span", "message.sent", {"n": 1}, socket_id=bo.socket_id)
+        assert ann.event("presence-span", "message.sent") == {"n": 1}
+        bo.nothing(lambda t: t.get("event") == "message.sent")
+        bo.send("trigger", channel="presence-span", event="client-typing", data={"on": 1})
+        assert ann.event("presence-span", "client-typing") == {"on": 1}
+        bo.close()
+        assert ann.event("presence-span", "pusher:member_removed")["id"] == "bo"
+    finally:
+        for agent in agents:
+            agent.close()
+        first.stop()
+        second.stop()

@@ -398,3 +398,23 @@ async def test_presence_and_encrypted_channels_refuse_what_pusher_refuses(
             await bo.silent()
     finally:
         node.stop()
+
+
+async def test_a_dead_workers_last_subscriber_fires_vacated_once(
+    webhook_shoal: Shoal,
+    signer: pusher_library.Pusher,
+    receiver: WebhookReceiver,
+    redis_server: RedisServer,
+    prefix: str,
+) -> None:
+    channel = "presence-doomed"
+    async with pusher_client(webhook_shoal, KEY) as ann:
+        await ann.subscribe(channel, **presence_auth(signer, ann, channel, "ann"))
+        assert (await receiver.next())["name"] == "channel_occupied"
+        assert (await receiver.next())["name"] == "member_added"
+        worker = str(redis_server.client().hget(f"{prefix}:conn:{ann.socket_id}", "worker"))
+        os.kill(int(worker.rsplit(".", 1)[1]), signal.SIGKILL)
+        # The master tells the housekeeper, which removes the state and fires these once.
+        gone = {(await receiver.next(timeout=30))["name"] for _ in range(2)}
+        assert gone == {"member_removed", "channel_vacated"}
+        await receiver.nothing()
