@@ -228,15 +228,27 @@ class LogConfig(_Section):
         return value.lower() if isinstance(value, str) else value
 
 
+class HistoryRuleConfig(_Section):
+    """Rooms matching `rooms` (shell-style: `orders.*`) keep about `size` messages, for
+    `ttl` seconds after the last one."""
+
+    rooms: Annotated[str, Field(min_length=1, max_length=256)]
+    size: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    ttl: Annotated[float, Field(ge=1.0)] = 300.0
+
+
 class AppConfig(BaseModel):
     """The application to serve, and its own settings.
 
-    Keys other than `module` belong to the application: they are kept as given and
-    reach it as `App.settings`. The built-in chat app reads `announce_connections`.
+    Keys other than `module` and `history` belong to the application: they are kept as
+    given and reach it as `App.settings`. The built-in chat app reads
+    `announce_connections`.
     """
 
     model_config = ConfigDict(frozen=True, extra="allow")
     module: str = "chat"
+    history: tuple[HistoryRuleConfig, ...] = ()
+    """Rooms that keep their last messages, for clients that come back (docs/delivery.md)."""
 
     @field_validator("module")
     @classmethod

@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 
 from shoal.core.auth import Identity, PermissionDenied, Policy
 from shoal.core.errors import BootError, ConfigError
+from shoal.core.history import Since
 from shoal.core.jobs import Outcome, Status
 from shoal.core.keys import TopicKind
 from shoal.core.registry import Members
@@ -179,10 +180,17 @@ class Connection(Protocol):
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection; `on_close` then runs as for any close."""
 
-    async def join(self, room: str, *, limit: int | None = None) -> Members:
+    async def join(
+        self, room: str, *, limit: int | None = None, since: Since | None = None
+    ) -> Members:
         """Join a room. Returns up to `limit` of its members' distinct user ids (all with
         None; this one's included) and their number (`.total`). A big room's member list
         is a sample: ask for a `limit` wherever the room may be large.
+
+        In a room with a history (`app.history`), `.position` is where it stands (epoch
+        and last offset); with `since`, where the client left it, what the room said
+        after that is sent to the client first, and `.recovered` says whether that
+        caught it up (`.reason` says why not: then nothing is replayed).
 
         Raises:
             PermissionDenied: `auth.rooms` keeps the room from this connection's role.

@@ -191,6 +191,18 @@ class Bus:
         self.publisher.send_unanswered(b"PUBLISH", channel, data)
         self._posted += len(data)
 
+    def post_command(self, *args: Any) -> None:
+        """Send a command that publishes (a script: `shoal.core.history.append`) without
+        waiting for its reply, in order with `post()`s, counted as they are.
+
+        Raises:
+            RedisUnavailable: the bus is not connected, or Redis stopped answering.
+        """
+        if self.publisher is None:
+            raise RedisUnavailable()
+        self.publisher.send_unanswered(*args)
+        self._posted += sum(len(arg) for arg in args if isinstance(arg, bytes))
+
     @property
     def congested(self) -> bool:
         """Redis is behind (see the module docstring): a publisher should wait in

@@ -23,6 +23,8 @@ one Redis never see each other. The layout (also in docs/architecture.md):
 | `P:pushusers:<app>:<channel>` | hash | presence member user id -> that member's connections in the channel |
 | `P:pushchans:<app>` | hash | channel -> its subscriptions, for every occupied channel of one Pusher app |
 | `P:pushcache:<app>:<channel>` | string, TTL | the last event published on a cache channel, as sent |
+| `P:hist:{<room>}` | stream, TTL | a room's last messages with `app.history` (`shoal.core.history`): entry id `<n>-0`, field `m`, the message's JSON without its closing brace |
+| `P:histmeta:{<room>}` | hash, TTL | the room's history: `epoch` (a random id of the stream's life) and `n` (its last offset's count) |
 | `P:task:<id>` | hash, TTL | a job's `attempts` once started, then its outcome: `state` (`done`/`failed`), `body` (msgpack), `name`, `conn`, `user` |
 
 | channel | carries |
@@ -35,9 +37,9 @@ one Redis never see each other. The layout (also in docs/architecture.md):
 Each worker names its subscriber connection `P:sub:<wid>` (CLIENT SETNAME), so that every
 worker can read the backlogs Redis holds for the deployment's subscribers.
 
-Every key holds at most one hash or string, and no command spans two keys but the
-address check, whose two keys share a hash tag (`{<ip>}`), so the same layout works on
-Redis Cluster.
+Every key holds at most one hash, stream or string, and no command spans two keys but
+the address check and the history's append, whose two keys share a hash tag (`{<ip>}`,
+`{<room>}`), so the same layout works on Redis Cluster.
 """
 
 from __future__ import annotations
@@ -119,6 +121,12 @@ class Keys:
 
     def bus_pusher(self, app: str, channel: str) -> bytes:
         return f"{self.prefix}:bus:push:{app}:{channel}".encode()
+
+    def history(self, room: str) -> str:
+        return f"{self.prefix}:hist:{{{room}}}"
+
+    def history_meta(self, room: str) -> str:
+        return f"{self.prefix}:histmeta:{{{room}}}"
 
     def bus_worker(self, wid: str) -> bytes:
         return f"{self.prefix}:bus:w:{wid}".encode()

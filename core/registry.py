@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from shoal.core import pushstate
+from shoal.core.history import Position
 from shoal.core.keys import CHANNEL_FIELD, PUSHER_FIELD, ROOM_FIELD, Keys, TopicKind
 from shoal.core.resp import Client, RedisAddress, Timeouts
 from shoal.core.schema import PresenceEntry
@@ -57,11 +58,16 @@ def _listing(users_key: str, limit: int | None) -> Command:
 
 class Members(list[str]):
     """Distinct user ids of a room or channel (perhaps a sample of them), and `total`,
-    how many distinct users it has."""
+    how many distinct users it has. A join of a room with a history also says where it
+    stands (`position`), and one with `since` whether the client was caught up
+    (`recovered`; `reason` when it was not)."""
 
     def __init__(self, users: Iterable[str], *, total: int) -> None:
         super().__init__(users)
         self.total = total
+        self.position: Position | None = None
+        self.recovered: bool | None = None
+        self.reason: str | None = None
 
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from enum import Enum, IntEnum, unique
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired
 
 # pydantic validates TypedDicts only from typing_extensions before Python 3.12.
 from typing_extensions import TypedDict
@@ -303,6 +303,12 @@ class JoinedRoom(TypedDict):
     room: str
     members: list[str]
     total_members: int
+    offset: NotRequired[str]
+    """A room with a history: its last message's offset when the join was recorded."""
+    epoch: NotRequired[str]
+    recovered: NotRequired[bool]
+    """A join with `since`: whether the messages after it were all sent."""
+    reason: NotRequired[str]
 
 
 class LeftRoom(TypedDict):

@@ -13,6 +13,7 @@ from websockets.protocol import OPEN
 from shoal.core import protocol, pusher
 from shoal.core.auth import Identity, PermissionDenied
 from shoal.core.errors import ProtocolError
+from shoal.core.history import Since
 from shoal.core.keys import TopicKind
 from shoal.core.metrics import BINARY, TEXT, counters
 from shoal.core.registry import Members, Snapshot
@@ -217,12 +218,15 @@ class Connection:
 
     # Rooms, channels, metadata
 
-    async def join(self, room: str, *, limit: int | None = None) -> Members:
+    async def join(
+        self, room: str, *, limit: int | None = None, since: Since | None = None
+    ) -> Members:
         """Join a room. Returns up to `limit` of its members' distinct user ids (all with
-        None; this one's included), and their number (`.total`)."""
+        None; this one's included), and their number (`.total`); with a history, where
+        it stands, and with `since`, whether the replay caught the client up."""
         if not self.hub.policy.may_join(self.identity.role, room):
             raise PermissionDenied
-        return await self.hub.join(self, TopicKind.ROOM, room, limit)
+        return await self.hub.join(self, TopicKind.ROOM, room, limit, since)
 
     async def leave(self, room: str, *, limit: int | None = None) -> Members:
         """Leave a room. Returns up to `limit` of the remaining members' distinct user

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.core import app, envelope, protocol
+from shoal.core import history as history_api
 from shoal.core.auth import OPEN_POLICY, Policy
 from shoal.core.bus import Bus
 from shoal.core.errors import EnvelopeError, ProtocolError
@@ -58,8 +59,11 @@ class Hub:
         max_rooms: int = 100,
         max_channels: int = 100,
         policy: Policy = OPEN_POLICY,
+        history: history_api.Rules | None = None,
     ) -> None:
         self.keys = keys
+        self.history = history or history_api.Rules()
+        """Which rooms keep a history (`app.history`)."""
         self.registry = registry
         self.bus = bus
         self.tasks = tasks
@@ -74,6 +78,9 @@ class Hub:
         self.worker_channel = keys.bus_worker(self.worker_id)
         self.local: dict[str, Connection] = {}
         self.topics: dict[bytes, set[Connection]] = {}
+        # Connections resuming a room (`join(..., since=...)`): what the room's channel
+        # brings meanwhile waits here, (offset count, payload), until the replay is sent.
+        self.catching_up: dict[bytes, dict[Connection, list[tuple[int | None, bytes]]]] = {}
         # Background coroutines (`spawn()`): asyncio keeps only weak references to tasks.
         self.background: set[asyncio.Task[None]] = set()
         self.on_departed: OnDeparted | None = None
@@ -135,37 +142,104 @@ class Hub:
     # Rooms and channels
 
     async def join(
-        self, conn: Connection, kind: TopicKind, name: str, limit: int | None = None
+        self,
+        conn: Connection,
+        kind: TopicKind,
+        name: str,
+        limit: int | None = None,
+        since: history_api.Since | None = None,
     ) -> Members:
         """Add `conn` to a room or channel. Returns up to `limit` of the members' distinct
-        user ids (all with None), and their number (`.total`).
+        user ids (all with None), and their number (`.total`); for a room with a
+        history, its position (`.position`), and with `since`, whether the client was
+        caught up (`.recovered`, `.reason`).
 
         The bus subscription is confirmed before the membership is written and before
         this returns, so the caller's reply is the point after which no message for
-        the room can be missed.
+        the room can be missed. With `since` (a room with a history), the messages after
+        it are sent first, then those that arrived meanwhile, each once and in order.
 
         Raises:
             ServiceUnavailable: Redis failed; `conn` is not in the room (whatever Redis
                 holds half-written is repaired later).
         """
         names = conn.rooms if kind is TopicKind.ROOM else conn.channels
+        rule = self.history.of(name) if kind is TopicKind.ROOM else None
         if name in names:
-            return await self.registry.members(kind, name, limit)
+            members = await self.registry.members(kind, name, limit)
+            if rule is not None:
+                members.position = await self._position(name, rule)
+            return members
         most = self.max_topics[kind]
         if len(names) >= most:
             what = "rooms" if kind is TopicKind.ROOM else "channels"
             raise ProtocolError(f"Too many {what}: at most {most} per connection")
         channel = self.keys.bus_topic(kind, name)
         await self.bus.subscribe(channel)
+        resuming = rule is not None and since is not None
+        if resuming:
+            self.catching_up.setdefault(channel, {})[conn] = []
         try:
             members = await self.registry.join(kind, name, conn.id, conn.user_id, limit)
+            if rule is not None:
+                members.position = await self._position(name, rule)
+                if since is not None:
+                    await self._catch_up(conn, channel, name, since, members)
         except BaseException:
+            self._stop_catching_up(conn, channel)
             self.bus.unsubscribe(channel)
             self.unsure.add((kind, name, conn.id, conn.user_id))
             raise
         names.add(name)
         self.topics.setdefault(channel, set()).add(conn)
         return members
+
+    async def _position(self, room: str, rule: history_api.Rule) -> history_api.Position:
+        reply = await self.registry.redis.execute(*history_api.position(self.keys, room, rule))
+        return history_api.parse_position(reply)
+
+    async def _catch_up(
+        self,
+        conn: Connection,
+        channel: bytes,
+        room: str,
+        since: history_api.Since,
+        members: Members,
+    ) -> None:
+        """Send `conn` what `room` said after `since`, then what arrived meanwhile, once
+        each and in order; say in `members` whether that caught it up."""
+        position = members.position
+        assert position is not None
+        entries: list[Any] = []
+        if since.epoch == position.epoch:
+            after = since.offset
+            entries = await self.registry.redis.execute(*history_api.replay(self.keys, room, after))
+        replayed = history_api.payloads(entries, position.epoch)
+        members.reason = history_api.recovered(
+            since, position, replayed[0][0] if replayed else None
+        )
+        members.recovered = members.reason is None
+        last = history_api.number(since.offset)
+        if not members.recovered:
+            replayed = []  # the client refetches from its own records instead
+            last = 0
+        waiting = self._stop_catching_up(conn, channel)
+        for offset, payload in replayed:
+            conn.push(protocol.frame(payload), payload, True)
+            last = history_api.number(offset)
+        for count, payload in waiting:
+            if count is None or count > last:  # not replayed already
+                conn.push(protocol.frame(payload), payload, True)
+        counters.deliveries += len(replayed) + len(waiting)
+
+    def _stop_catching_up(self, conn: Connection, channel: bytes) -> list[tuple[int | None, bytes]]:
+        waiting = self.catching_up.get(channel)
+        if waiting is None:
+            return []
+        held = waiting.pop(conn, [])
+        if not waiting:
+            del self.catching_up[channel]
+        return held
 
     async def leave(
         self, conn: Connection, kind: TopicKind, name: str, limit: int | None = None
@@ -215,8 +289,21 @@ class Hub:
         exclude: app.Connection | None = None,
         kind: TopicKind = TopicKind.ROOM,
     ) -> None:
-        """Send `message` to every member of a room (or channel), on every worker and node."""
-        await self._publish(self.keys.bus_topic(kind, room), protocol.encode(message), exclude)
+        """Send `message` to every member of a room (or channel), on every worker and node.
+        A room with a history keeps it too, with its offset (`shoal.core.history`)."""
+        channel = self.keys.bus_topic(kind, room)
+        rule = self.history.of(room) if kind is TopicKind.ROOM and self.history else None
+        if rule is None:
+            await self._publish(channel, protocol.encode(message), exclude)
+            return
+        head = protocol.encode(message)[:-1]  # `,"offset":...}` is added by the script
+        if head == b"{":
+            raise ProtocolError("An empty message cannot be kept in a room's history")
+        exclude_id = exclude.id if exclude else ""
+        self.bus.post_command(
+            *history_api.append(self.keys, room, rule, channel, head, exclude=exclude_id)
+        )
+        await self._relieved()
 
     async def broadcast(
         self, message: Mapping[str, Any], *, exclude: app.Connection | None = None
@@ -283,8 +370,11 @@ class Hub:
     async def _publish(
         self, channel: bytes, payload: bytes, exclude: app.Connection | None
     ) -> None:
+        self.bus.post(channel, envelope.message(payload, exclude.id if exclude else None))
+        await self._relieved()
+
+    async def _relieved(self) -> None:
         bus = self.bus
-        bus.post(channel, envelope.message(payload, exclude.id if exclude else None))
         if bus.congested:
             # Backpressure: the message is on its way, but the handler that published it
             # waits until Redis catches up, and the client's further messages wait
@@ -301,6 +391,8 @@ class Hub:
         client into one per batch and client, which is what bounds fan-out.
         """
         routed = route(messages, self.local, self.topics, self.worker_channel, self.keys.bus_all)
+        if self.catching_up:
+            self._hold(messages)
         # Counted per batch: the recipients' frames are written below.
         counters.deliveries += routed.deliveries
         counters.bytes_out += routed.written
@@ -324,6 +416,23 @@ class Hub:
                     routed.rejected_example,
                 )
                 self._skipped, self._skipped_logged = 0, now
+
+    def _hold(self, messages: list[tuple[bytes, bytes]]) -> None:
+        """Keep what the channels of resuming connections bring, for `_catch_up`."""
+        for channel, data in messages:
+            waiting = self.catching_up.get(channel)
+            if waiting is None:
+                continue
+            try:
+                item = envelope.unpack(data)
+            except EnvelopeError:
+                continue  # `route` counted it
+            if type(item) is not envelope.Message:
+                continue
+            count = history_api.offset_of(item.payload)
+            for conn, held in waiting.items():
+                if item.target != conn.id:
+                    held.append((count, item.payload))
 
     # Queries
 

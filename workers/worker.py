@@ -41,7 +41,7 @@ import uvloop
 
 from shoal.config.model import AuthConfig
 from shoal.core import app as app_api
-from shoal.core import loops, metrics, protocol
+from shoal.core import history, loops, metrics, protocol
 from shoal.core import task as task_api
 from shoal.core.auth import Policy, RoomRule, select_subprotocol
 from shoal.core.backoff import full_jitter
@@ -156,6 +156,9 @@ class Worker:
             max_rooms=config.limits.max_rooms,
             max_channels=config.limits.max_channels,
             policy=policy(self.app, config.auth),
+            history=history.Rules(
+                [history.Rule(r.rooms, r.size, r.ttl) for r in config.app.history]
+            ),
         )
         self.gate = gate.Gate(
             config.auth,

@@ -18,7 +18,7 @@ import re
 import time
 from typing import Any
 
-from shoal.core import protocol, schema
+from shoal.core import history, protocol, schema
 from shoal.core.app import App, Connection, Hub, PermissionDenied, TopicKind
 from shoal.core.errors import ConfigError, ProtocolError
 from shoal.core.schema import ADVICE, CloseCode
@@ -145,9 +145,15 @@ async def private(conn: Connection, message: dict[str, Any]) -> None:
 @app.on("join_room")
 async def join_room(conn: Connection, message: dict[str, Any]) -> None:
     room = protocol.name_field(message, "room")
+    since = None
+    if message.get("since") is not None:
+        try:
+            since = history.since(message["since"])
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
     already = room in conn.rooms
     limit = _limit("joined_members_limit")
-    members = await conn.join(room, limit=limit)
+    members = await conn.join(room, limit=limit, since=since)
     others = [user for user in members if user != conn.user_id]
     joined: schema.JoinedRoom = {
         "type": "joined_room",
@@ -155,6 +161,13 @@ async def join_room(conn: Connection, message: dict[str, Any]) -> None:
         "members": [conn.user_id, *others][:limit],  # the joiner first: a client looks
         "total_members": members.total,
     }
+    if members.position is not None:
+        joined["offset"] = members.position.offset
+        joined["epoch"] = members.position.epoch
+    if members.recovered is not None:
+        joined["recovered"] = members.recovered
+        if members.reason is not None:
+            joined["reason"] = members.reason
     await conn.send(joined)
     if not already and members.total <= _limit("room_notices_limit"):
         arrived: schema.UserJoinedRoom = {
