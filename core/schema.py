@@ -278,6 +278,9 @@ RoomMessage = TypedDict(
         "room": str,
         "message": Any,
         "timestamp": int,
+        # In a room with a history (`app.history`): its position there, and the epoch.
+        "offset": NotRequired[str],
+        "epoch": NotRequired[str],
     },
 )
 ChannelMessage = TypedDict(
@@ -321,6 +324,9 @@ class UserJoinedRoom(TypedDict):
     user_id: str
     room: str
     total_members: int
+    offset: NotRequired[str]
+    """In a room with a history (`app.history`): its position there, `<n>-0`."""
+    epoch: NotRequired[str]
 
 
 class UserLeftRoom(TypedDict):
@@ -328,6 +334,9 @@ class UserLeftRoom(TypedDict):
     user_id: str
     room: str
     total_members: int
+    offset: NotRequired[str]
+    """In a room with a history (`app.history`): its position there, `<n>-0`."""
+    epoch: NotRequired[str]
 
 
 class Subscribed(TypedDict):

@@ -236,3 +236,16 @@ def test_pusher_webhooks_give_a_task_pool_by_default(tmp_path: Path) -> None:
     assert load(path, environ={}).task_processes == 2
     plain = write(tmp_path, "app: {module: echo}\n")
     assert load(plain, environ={}).task_processes == 0
+
+
+def test_history_rules_are_checked(tmp_path: Path) -> None:
+    path = write(tmp_path, "app: {history: [{rooms: 'orders.*', size: 0}]}\n")
+    with pytest.raises(ConfigError, match=r"app.history.0.size"):
+        load(path, environ={})
+    path = write(tmp_path, "app: {history: [{size: 10}]}\n")
+    with pytest.raises(ConfigError, match=r"app.history.0.rooms"):
+        load(path, environ={})
+    ok = write(tmp_path, "app: {history: [{rooms: 'orders.*'}], announce: true}\n")
+    config = load(ok, environ={})
+    assert config.app.history[0].size == 1000 and config.app.history[0].ttl == 300
+    assert config.app.settings == {"announce": True}  # history is shoal's, not the app's
