@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -137,6 +138,7 @@ class Bus:
         self.wanted: dict[bytes, int] = {}
         self.confirmations: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
         self.publisher: Link | None = None
+        self._scripts: dict[str, str] = {}  # SHA-1 -> text (`load_script`)
         self.subscriber: Link | None = None
         self.up = False
         self._sent: collections.deque[_Sent] = collections.deque()
@@ -202,6 +204,18 @@ class Bus:
             raise RedisUnavailable()
         self.publisher.send_unanswered(*args)
         self._posted += sum(len(arg) for arg in args if isinstance(arg, bytes))
+
+    def load_script(self, script: str) -> str:
+        """Have Redis cache `script` on the publisher connection, now and after every
+        reconnection (before anything else is sent on it), so that `post_command` can
+        run it by its SHA-1 (`EVALSHA`) rather than send its text with every call, and
+        have Redis hash it each time. Returns the SHA-1."""
+        sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+        if sha not in self._scripts:
+            self._scripts[sha] = script
+            if self.publisher is not None:
+                self.publisher.send_unanswered(b"SCRIPT", b"LOAD", script)
+        return sha
 
     @property
     def congested(self) -> bool:
@@ -454,7 +468,10 @@ class Bus:
     async def _connect_missing(self) -> bool:
         try:
             if self.publisher is None:
-                self.publisher = await self._open(None)
+                publisher = await self._open(None)
+                for script in self._scripts.values():  # ahead of any EVALSHA on it
+                    publisher.send_unanswered(b"SCRIPT", b"LOAD", script)
+                self.publisher = publisher
             if self.subscriber is None:
                 await self._open_subscriber()
         except ServiceUnavailable as exc:

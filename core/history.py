@@ -22,6 +22,8 @@ it holds is there).
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import itertools
 import re
 import secrets
 from collections.abc import Mapping, Sequence
@@ -82,11 +84,20 @@ class Rule:
 
 
 class Rules:
-    """The `app.history` rules; the first that matches a room applies."""
+    """The `app.history` rules; the first that matches a room applies. Make it in the
+    process that uses it: its epochs are unique to it (`epoch()`)."""
 
     def __init__(self, rules: Sequence[Rule] = ()) -> None:
         self.rules = tuple(rules)
         self._cache: dict[str, Rule | None] = {}
+        # An epoch is given with every append, in case the stream is new: a random part
+        # per process and a counter make each unique without a system call per message.
+        self._prefix = secrets.token_hex(6)
+        self._epochs = itertools.count()
+
+    def epoch(self) -> str:
+        """An epoch no other call, in this process or another, returns."""
+        return f"{self._prefix}{next(self._epochs):x}"
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -139,25 +150,26 @@ def number(offset: str) -> int:
     return int(offset.partition("-")[0])
 
 
-def new_epoch() -> str:
-    return secrets.token_hex(8)
+APPEND_SHA = hashlib.sha1(APPEND.encode(), usedforsecurity=False).hexdigest()
 
 
 def append(
-    keys: Keys, room: str, rule: Rule, channel: bytes, head: bytes, *, exclude: str
+    keys: Keys, room: str, rule: Rule, channel: bytes, head: bytes, *, epoch: str, exclude: str
 ) -> Command:
-    """The command that appends a message to a room's history and publishes it.
+    """The command that appends a message to a room's history and publishes it, by the
+    script's SHA-1: the caller has Redis cache `APPEND` (`Bus.load_script`).
 
     `head` is the message's JSON without its closing brace (`shoal.core.protocol.encode`
-    of a non-empty object, less its last byte).
+    of a non-empty object, less its last byte); `epoch`, the room's if its history is
+    new (`Rules.epoch()`).
     """
-    return ("EVAL", APPEND, 2, keys.history(room), keys.history_meta(room), rule.size,
-            int(rule.ttl * 1000), new_epoch(), channel, head, exclude)  # fmt: skip
+    return ("EVALSHA", APPEND_SHA, 2, keys.history(room), keys.history_meta(room), rule.size,
+            int(rule.ttl * 1000), epoch, channel, head, exclude)  # fmt: skip
 
 
-def position(keys: Keys, room: str, rule: Rule) -> Command:
-    """The command whose reply `parse_position` reads."""
-    return ("EVAL", POSITION, 1, keys.history_meta(room), new_epoch(), int(rule.ttl * 1000))
+def position(keys: Keys, room: str, rule: Rule, *, epoch: str) -> Command:
+    """The command whose reply `parse_position` reads; `epoch` as for `append`."""
+    return ("EVAL", POSITION, 1, keys.history_meta(room), epoch, int(rule.ttl * 1000))
 
 
 def parse_position(reply: Sequence[Any]) -> Position:

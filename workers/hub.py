@@ -64,6 +64,8 @@ class Hub:
         self.keys = keys
         self.history = history or history_api.Rules()
         """Which rooms keep a history (`app.history`)."""
+        if self.history:
+            bus.load_script(history_api.APPEND)
         self.registry = registry
         self.bus = bus
         self.tasks = tasks
@@ -195,7 +197,8 @@ class Hub:
         return members
 
     async def _position(self, room: str, rule: history_api.Rule) -> history_api.Position:
-        reply = await self.registry.redis.execute(*history_api.position(self.keys, room, rule))
+        asked = history_api.position(self.keys, room, rule, epoch=self.history.epoch())
+        reply = await self.registry.redis.execute(*asked)
         return history_api.parse_position(reply)
 
     async def _catch_up(
@@ -299,10 +302,11 @@ class Hub:
         head = protocol.encode(message)[:-1]  # `,"offset":...}` is added by the script
         if head == b"{":
             raise ProtocolError("An empty message cannot be kept in a room's history")
-        exclude_id = exclude.id if exclude else ""
-        self.bus.post_command(
-            *history_api.append(self.keys, room, rule, channel, head, exclude=exclude_id)
+        epoch, exclude_id = self.history.epoch(), exclude.id if exclude else ""
+        appended = history_api.append(
+            self.keys, room, rule, channel, head, epoch=epoch, exclude=exclude_id
         )
+        self.bus.post_command(*appended)
         await self._relieved()
 
     async def broadcast(
