@@ -19,7 +19,7 @@ from shoal.bench.htmlreport import render_report
 from shoal.bench.limits import FD_OVERHEAD, FdLimitError, ensure_fd_limit
 from shoal.bench.nullserver import start_null_server
 from shoal.bench.orchestrator import RunError, run_plan
-from shoal.bench.plan import SCENARIOS, TASKS, RunPlan
+from shoal.bench.plan import PROTOCOLS, PUSHER_SCENARIOS, SCENARIOS, TASKS, RunPlan
 from shoal.bench.probe import ServerProbe
 from shoal.bench.summary import EXIT_ERROR, EXIT_OK, summarize
 
@@ -30,6 +30,8 @@ SCHEMA = "shoal-bench/1"
 MAX_CONNECTIONS = 200_000
 # Overall time limit on top of warmup + duration + drain, for connecting and startup.
 _TIMEOUT_SLACK_S = 60.0
+# Where --pusher-secret is read from when not given: a command line is visible to others.
+PUSHER_SECRET_ENV = "SHOAL_BENCH_PUSHER_SECRET"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", choices=SCENARIOS)
     p.add_argument(
         "--url", help="server URL, e.g. ws://127.0.0.1:9000/ws (required unless --self-test)"
+    )
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="shoal",
+        help="shoal: shoal's own JSON protocol; pusher: Pusher's protocol 7, --url "
+        f"ws://HOST:PORT/app/KEY ({', '.join(PUSHER_SCENARIOS)} only; default shoal)",
+    )
+    p.add_argument(
+        "--pusher-secret",
+        default=os.environ.get(PUSHER_SECRET_ENV),
+        help="the Pusher app's secret, which signs the fanout's private-channel "
+        f"subscriptions (default: ${PUSHER_SECRET_ENV})",
     )
     p.add_argument(
         "-c",
@@ -137,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compare", metavar="URL2", help="also run against this server and compare")
     p.add_argument(
+        "--compare-protocol",
+        choices=PROTOCOLS,
+        help="the protocol spoken to the --compare server (default: --protocol)",
+    )
+    p.add_argument(
         "--compare-pid",
         type=int,
         action="append",
@@ -198,17 +218,33 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error("private needs an even --connections (pairs of users)")
     if args.raw and args.scenario != "echo":
         parser.error("--raw only applies to the echo scenario")
+    if args.protocol == "pusher" and args.self_test:
+        parser.error("--self-test speaks shoal's protocol: it cannot run --protocol pusher")
     total = args.connections + (args.publishers if args.scenario == "fanout" else 0)
     if total > MAX_CONNECTIONS:
         parser.error(f"at most {MAX_CONNECTIONS} connections per run")
-    if args.scenario == "broadcast" and args.rate == 0 and total // min(args.processes, total) < 2:
-        parser.error(
-            "broadcast with --rate 0 needs at least 2 connections per load process "
-            "(one observes delivery to pace the sender); set --rate or fewer --processes"
+    if args.compare_protocol is None:
+        args.compare_protocol = args.protocol
+    elif not args.compare:
+        parser.error("--compare-protocol needs --compare")
+    targets = [(args.url, args.protocol), (args.compare, args.compare_protocol)]
+    for url, protocol in targets:
+        echoless = args.scenario == "broadcast" or (
+            args.scenario == "fanout" and protocol == "pusher"
         )
+        if echoless and args.rate == 0 and total // min(args.processes, total) < 2:
+            parser.error(
+                f"{args.scenario} with --rate 0 needs at least 2 connections per load process "
+                "(one observes delivery to pace the sender); set --rate or fewer --processes"
+            )
+        if url:
+            try:
+                _plan(args, url, protocol)
+            except ValueError as exc:
+                parser.error(str(exc))
 
 
-def _plan(args: argparse.Namespace, url: str) -> RunPlan:
+def _plan(args: argparse.Namespace, url: str, protocol: str) -> RunPlan:
     total = args.connections
     if args.scenario == "fanout":
         total += args.publishers
@@ -230,11 +266,15 @@ def _plan(args: argparse.Namespace, url: str) -> RunPlan:
         welcome=not args.no_welcome,
         connect_timeout=args.connect_timeout,
         connect_concurrency=args.connect_concurrency,
+        protocol=protocol,
+        pusher_secret=args.pusher_secret if protocol == "pusher" else None,
     )
 
 
-def _one_run(args: argparse.Namespace, url: str, pids: list[int], label: str) -> dict[str, Any]:
-    plan = _plan(args, url)
+def _one_run(
+    args: argparse.Namespace, url: str, protocol: str, pids: list[int], label: str
+) -> dict[str, Any]:
+    plan = _plan(args, url, protocol)
     probe = ServerProbe(pids) if pids else None
     limit = args.timeout or (args.warmup + args.duration + args.drain + _TIMEOUT_SLACK_S)
     progress = Progress(f"{label} {plan.scenario}")
@@ -282,6 +322,13 @@ def _comparison(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _redacted(argv: list[str], secret: str | None) -> list[str]:
+    """``argv`` with the Pusher secret masked wherever it appears, for the results."""
+    if not secret:
+        return argv
+    return [arg.replace(secret, "***") for arg in argv]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status (see docs/bench.md)."""
     parser = build_parser()
@@ -308,13 +355,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.compare:
             for _ in range(args.rounds):
-                runs.append(_one_run(args, url, args.server_pid, "A"))
-                runs.append(_one_run(args, args.compare, args.compare_pid, "B"))
+                runs.append(_one_run(args, url, args.protocol, args.server_pid, "A"))
+                runs.append(
+                    _one_run(args, args.compare, args.compare_protocol, args.compare_pid, "B")
+                )
         else:
             pids = list(args.server_pid)
             if null_server is not None and null_server.pid is not None:
                 pids.append(null_server.pid)
-            runs.append(_one_run(args, url, pids, "self-test" if args.self_test else "A"))
+            label = "self-test" if args.self_test else "A"
+            runs.append(_one_run(args, url, args.protocol, pids, label))
     except (RunError, ValueError) as exc:
         print(f"shoal-bench: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -340,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     document = {
         "schema": SCHEMA,
-        "argv": list(argv) if argv is not None else sys.argv[1:],
+        "argv": _redacted(list(argv) if argv is not None else sys.argv[1:], args.pusher_secret),
         "host": _host(),
         "runs": runs,
         "comparison": comparison,

@@ -26,6 +26,7 @@ from picows import (
     ws_connect,
 )
 
+from shoal.bench import pusherwire
 from shoal.core import schema
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,15 @@ class ClosedEarlyError(ConnectionError):
     """The server closed the connection before an awaited setup reply."""
 
 
+class RefusedError(Exception):
+    """The server answered a setup step with a refusal; ``cause`` names it for the
+    failure counts (``pusher_4001``)."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
 class MessageSink(Protocol):
     """Receives complete messages and unexpected disconnects of clients."""
 
@@ -71,8 +81,12 @@ class Client(WSListener):
         self.transport: WSTransport | None = None
         self.closing = False
         self.disconnected = False
+        self.socket_id: str | None = None
+        """Pusher only: the id `pusher:connection_established` gave this connection."""
         self._parts: list[bytes] = []
-        self._awaited: bytes | None = None
+        self._awaited_field = "type"
+        self._awaited: frozenset[str] = frozenset()
+        self._needles: tuple[bytes, ...] = ()
         self._waiter: asyncio.Future[Any] | None = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -124,8 +138,19 @@ class Client(WSListener):
         the request). Other messages arriving meanwhile are discarded: this is
         only used during setup (welcome, joined_room), before measured traffic.
         """
-        self._awaited = server_type(kind).encode()
-        waiter: asyncio.Future[_Message] = asyncio.get_running_loop().create_future()
+        return self._arm("type", (server_type(kind),))
+
+    def expect_event(self, *events: str) -> asyncio.Future[dict[str, Any]]:
+        """Future of the next Pusher frame whose ``event`` is one of ``events`` (the
+        one awaited, and the refusals that may come instead), decoded, not validated.
+        Arm it as :meth:`expect`; other frames meanwhile are discarded likewise."""
+        return self._arm("event", events)
+
+    def _arm(self, field: str, values: tuple[str, ...]) -> asyncio.Future[Any]:
+        self._awaited_field = field
+        self._awaited = frozenset(values)
+        self._needles = tuple(value.encode() for value in values)
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
         return waiter
 
@@ -134,44 +159,73 @@ class Client(WSListener):
         if waiter is None:
             self.sink.on_message(self, payload)
             return
-        awaited = self._awaited
-        if awaited is None or awaited not in payload:
+        # Only setup replies are awaited: a substring test skips parsing anything else.
+        if not any(needle in payload for needle in self._needles):
             return
         try:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return
-        if isinstance(message, dict) and message.get("type") == awaited.decode():
+        if isinstance(message, dict) and message.get(self._awaited_field) in self._awaited:
             self._waiter = None
-            self._awaited = None
+            self._awaited = frozenset()
+            self._needles = ()
             if not waiter.done():
                 waiter.set_result(message)
 
 
 async def open_client(
-    url: str, index: int, sink: MessageSink, limit_s: float, wait_welcome: bool
+    url: str,
+    index: int,
+    sink: MessageSink,
+    limit_s: float,
+    wait_welcome: bool,
+    *,
+    pusher: bool = False,
 ) -> tuple[Client | None, str | None, int]:
     """Connect (and wait for the welcome if asked) within ``limit_s`` seconds.
+
+    With ``pusher`` the welcome is `pusher:connection_established`, whose ``socket_id``
+    the client keeps; a `pusher:error` instead is a failure, ``pusher_<code>``.
 
     Returns ``(client, None, handshake_ns)`` on success or ``(None, cause, elapsed_ns)``.
     """
     started = time.monotonic_ns()
     client = Client(index, sink)
     # Armed before connecting: the welcome may arrive in the same read as the 101.
-    welcome = client.expect(schema.Welcome) if wait_welcome else None
+    welcome: asyncio.Future[Any] | None = None
+    if wait_welcome:
+        if pusher:
+            welcome = client.expect_event(pusherwire.ESTABLISHED, pusherwire.ERROR)
+        else:
+            welcome = client.expect(schema.Welcome)
     try:
         async with asyncio.timeout(limit_s):
             await ws_connect(lambda: client, url, websocket_handshake_timeout=None, max_redirects=0)
             if welcome is not None:
-                await welcome
+                message = await welcome
+                if pusher:
+                    client.socket_id = _socket_id(message)
     except Exception as exc:
         client.close()
         return None, failure_cause(exc), time.monotonic_ns() - started
     return client, None, time.monotonic_ns() - started
 
 
+def _socket_id(message: dict[str, Any]) -> str:
+    if message.get("event") == pusherwire.ERROR:
+        code, _ = pusherwire.error(message)
+        raise RefusedError(f"pusher_{code if code is not None else 'error'}")
+    try:
+        return pusherwire.socket_id(message)
+    except ValueError:
+        raise RefusedError("bad_welcome") from None
+
+
 def failure_cause(exc: BaseException) -> str:
     """Short, stable label for why a connection attempt failed."""
+    if isinstance(exc, RefusedError):
+        return exc.cause
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, WSHandshakeError):

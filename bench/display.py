@@ -105,7 +105,10 @@ def print_results(runs: list[dict[str, Any]], ratio_label: str | None) -> None:
     table = Table(title=f"shoal-bench {runs[0]['scenario']}")
     table.add_column("metric")
     for run in runs:
-        table.add_column(run["label"], justify="right")
+        # Named when it is not shoal's own, as when --compare-protocol mixes the two.
+        protocol = run["plan"]["protocol"]
+        header = run["label"] if protocol == "shoal" else f"{run['label']} ({protocol})"
+        table.add_column(header, justify="right")
     if ratio_label is not None:
         table.add_column(ratio_label, justify="right")
     columns = [dict(result_rows(run)) for run in runs]

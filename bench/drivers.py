@@ -3,12 +3,14 @@
 A driver runs inside one load process over that process's connections. The
 worker calls ``start`` at the common start time, ``stop`` at the end of the
 measured window, ``drain`` with the run-wide sent counts, then ``report``.
-New scenarios register a driver class in :data:`DRIVERS`.
+New scenarios register a driver class in :data:`DRIVERS`, per protocol.
 
 Every frame is pre-built once per sender as a %-template, so sending costs one
 %-format and no encoding. Stream messages are built from the message types of
-``shoal.core.schema`` (mypy checks their shape, :func:`check_templates` the bytes);
-the echo probe has a type of the bench's own, which the chat app echoes.
+``shoal.core.schema`` (mypy checks their shape, :func:`check_templates` the bytes),
+or with ``--protocol pusher`` from Pusher's client event (checked with the server's own
+parser, ``shoal.core.pusher``); the echo probe has a type of the bench's own, which the
+chat app echoes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from shoal.bench import pusherwire
 from shoal.bench.client import Client, server_type
 from shoal.bench.ledger import LedgerReport, SequenceLedger
 from shoal.bench.meter import Meter, MeterReport
@@ -51,7 +54,12 @@ PROBE_TYPE = "bench"
 """The ``type`` of echo probes: one the chat app does not handle, so it answers each probe
 with an ``echo`` holding it (docs/protocol.md, "Any other type")."""
 
-StreamMessage = schema.ClientRoomMessage | schema.ClientBroadcast | schema.ClientPrivate
+StreamMessage = (
+    schema.ClientRoomMessage
+    | schema.ClientBroadcast
+    | schema.ClientPrivate
+    | pusherwire.ClientEvent
+)
 """What a sender of the fanout, broadcast and private scenarios sends."""
 
 # Stands for the payload while a message is encoded once; the payload template replaces it.
@@ -93,6 +101,8 @@ def task_template(plan: RunPlan) -> bytes:
 
 def stream_message(plan: RunPlan, index: int) -> StreamMessage:
     """What sender ``index`` of ``plan``'s stream scenario sends, with a stand-in payload."""
+    if plan.protocol == "pusher":
+        return pusherwire.client_event(plan.channel, _SLOT)
     if plan.scenario == "fanout":
         return {"type": "room_message", "room": plan.room, "message": _SLOT}
     if plan.scenario == "broadcast":
@@ -143,10 +153,15 @@ def check_templates(plan: RunPlan) -> None:
             raise ValueError(f"task template decodes to {sample!r}")
     elif plan.scenario in ("fanout", "broadcast", "private"):
         src = plan.senders()[0]
-        sample = orjson.loads(stream_template(plan, src) % (src, seq, ts))
-        schema.check_client_message(sample)
+        frame = stream_template(plan, src) % (src, seq, ts)
+        sample = orjson.loads(frame)
         expected = dict(stream_message(plan, src))
-        expected["message"] = _payload(plan, src, seq, ts)
+        if plan.protocol == "pusher":
+            pusherwire.check_client_event(frame)
+            expected["data"] = _payload(plan, src, seq, ts)
+        else:
+            schema.check_client_message(sample)
+            expected["message"] = _payload(plan, src, seq, ts)
         if sample != expected:
             raise ValueError(f"stream template decodes to {sample!r}")
 
@@ -195,7 +210,7 @@ class Driver:
     def _server_error(self, message: schema.ServerMessage) -> None:
         self.result.server_errors[str(message.get("message", "error"))] += 1
 
-    def _decode(self, payload: bytes) -> Any:
+    def _decode(self, payload: bytes | str) -> Any:
         """The JSON object (a dict) in ``payload``; anything else counts as a mismatch (None).
 
         Untyped, as JSON is: the caller annotates what it expects, which costs nothing at
@@ -354,8 +369,8 @@ class StreamDriver(Driver):
     Each sender bounds its un-acknowledged messages by ``max_inflight`` so a
     saturated server is never flooded without bound. The acknowledgement is
     the sender's own room echo (fanout), ``message_sent`` (private), or the
-    arrival at another connection of this process (broadcast, which has no
-    echo to the sender).
+    arrival at another connection of this process (broadcast, and Pusher's client
+    events: neither comes back to its sender).
     """
 
     _DELIVERY_TYPES = frozenset(
@@ -370,11 +385,12 @@ class StreamDriver(Driver):
         self._acked = {c.index: 0 for c in self._senders}
         self._witness: dict[int, int | None] = {}
         self._frames: dict[int, bytes] = {}
-        broadcast = plan.scenario == "broadcast"
+        self._echoless = plan.scenario == "broadcast" or plan.protocol == "pusher"
         for c in self._senders:
             self._frames[c.index] = stream_template(plan, c.index)
+            # Every other connection receives what c sends: its first one is the witness.
             others = (i for i in clients if i != c.index)
-            self._witness[c.index] = next(others, None) if broadcast else None
+            self._witness[c.index] = next(others, None) if self._echoless else None
         self._ticker: asyncio.Task[None] | None = None
         self._owed_fresh = 0
         self._owed = 0
@@ -397,7 +413,7 @@ class StreamDriver(Driver):
         return dict(self._seq)
 
     def _window_open(self, index: int) -> bool:
-        if self.plan.scenario == "broadcast" and self._witness[index] is None:
+        if self._echoless and self._witness[index] is None:
             return True  # nothing local can observe delivery; pacing alone bounds it
         return self._seq[index] - self._acked[index] < self.plan.max_inflight
 
@@ -427,30 +443,39 @@ class StreamDriver(Driver):
             return
         kind = message.get("type")
         if kind in self._DELIVERY_TYPES:
-            body = message.get("message")
-            if not isinstance(body, dict):
-                self.result.mismatches += 1
-                return
-            source = body.get("src")
-            seq = body.get("seq")
-            if not isinstance(source, int) or not isinstance(seq, int):
-                self.result.mismatches += 1
-                return
-            receiver = client.index
-            if source in self._acked and (
-                source == receiver or self._witness.get(source) == receiver
-            ):
-                self._acked[source] += 1
-                self._refill(source)
-            if self.plan.is_receiver(receiver) and self.ledger.record(receiver, source, seq):
-                if self.plan.expects(receiver, source):
-                    self._owed_fresh += 1
-                self.meter.on_receive(now, body.get("ts", now))
+            self._delivered(client, message.get("message"), now)
         elif kind == "message_sent":
             self._acked[client.index] += 1
             self._refill(client.index)
         elif kind == "error":
             self._server_error(message)
+
+    def _delivered(self, client: Client, body: Any, now: int) -> None:
+        """Account the payload ``body`` of a stream message ``client`` received at ``now``."""
+        if not isinstance(body, dict):
+            self.result.mismatches += 1
+            return
+        source = body.get("src")
+        seq = body.get("seq")
+        if not isinstance(source, int) or not isinstance(seq, int):
+            self.result.mismatches += 1
+            return
+        receiver = client.index
+        if source in self._acked:  # sent from this process: an acknowledgement?
+            if source == receiver:
+                if self._echoless:
+                    # Never sent back to its sender: the ledger makes it "unexpected".
+                    self.ledger.record(receiver, source, seq)
+                    return
+                self._acked[source] += 1
+                self._refill(source)
+            elif self._witness.get(source) == receiver:
+                self._acked[source] += 1
+                self._refill(source)
+        if self.plan.is_receiver(receiver) and self.ledger.record(receiver, source, seq):
+            if self.plan.expects(receiver, source):
+                self._owed_fresh += 1
+            self.meter.on_receive(now, body.get("ts", now))
 
     def _refill(self, index: int) -> None:
         # Only the unpaced mode sends from acknowledgements; paced mode's ticker
@@ -476,10 +501,40 @@ class StreamDriver(Driver):
         return super().report()
 
 
-DRIVERS: dict[str, type[Driver]] = {
-    "echo": EchoDriver,
-    "fanout": StreamDriver,
-    "broadcast": StreamDriver,
-    "private": StreamDriver,
-    "task": TaskDriver,
+class PusherStreamDriver(StreamDriver):
+    """fanout on a Pusher channel: publishers send client events, every other subscriber
+    receives them as ``{"event":"client-bench","channel":..,"data":payload}``.
+
+    ``data`` is the object the publisher sent (shoal and Pusher forward client events as
+    they came); a JSON string is decoded too, as servers send their own events' data.
+    """
+
+    def on_message(self, client: Client, payload: bytes) -> None:
+        now = time.monotonic_ns()
+        message = self._decode(payload)
+        if message is None:
+            return
+        event = message.get("event")
+        if event == pusherwire.EVENT:
+            body = message.get("data")
+            if type(body) is str:
+                body = self._decode(body)
+                if body is None:
+                    return
+            self._delivered(client, body, now)
+        elif event == pusherwire.PING:
+            client.send(pusherwire.PONG)  # or the server closes the connection as idle
+        elif event == pusherwire.ERROR:
+            code, text = pusherwire.error(message)
+            self.result.server_errors[text if code is None else f"{code}: {text}"] += 1
+
+
+DRIVERS: dict[tuple[str, str], type[Driver]] = {
+    ("shoal", "echo"): EchoDriver,
+    ("shoal", "fanout"): StreamDriver,
+    ("shoal", "broadcast"): StreamDriver,
+    ("shoal", "private"): StreamDriver,
+    ("shoal", "task"): TaskDriver,
+    ("pusher", "fanout"): PusherStreamDriver,
 }
+"""The driver of each (protocol, scenario); connect has none (no traffic)."""

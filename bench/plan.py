@@ -14,6 +14,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 SCENARIOS = ("connect", "echo", "fanout", "broadcast", "private", "task")
 TASKS = ("noop", "process_data")
+PROTOCOLS = ("shoal", "pusher")
+"""What the load speaks: shoal's own JSON protocol, or Pusher's protocol 7 (`/app/{key}`)."""
+PUSHER_SCENARIOS = ("connect", "fanout")
+"""The scenarios with a Pusher counterpart: Pusher has no echo, broadcast, private
+messages or tasks."""
+_PUSHER_PATH = "/app/"
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,42 @@ class RunPlan:
     welcome: bool = True
     connect_timeout: float = 10.0
     connect_concurrency: int = 256
+    protocol: str = "shoal"
+    pusher_secret: str | None = field(default=None, repr=False)
+    """The Pusher app's secret, which signs the bench's private-channel subscriptions;
+    never written to the results."""
     room: str = field(default_factory=lambda: f"bench-{secrets.token_hex(4)}")
     user_prefix: str = field(default_factory=lambda: f"b{secrets.token_hex(3)}")
+
+    def __post_init__(self) -> None:
+        """Check what the protocol allows.
+
+        Raises:
+            ValueError: an unknown protocol, or a Pusher run it cannot carry out.
+        """
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}: one of {', '.join(PROTOCOLS)}")
+        if self.protocol != "pusher":
+            return
+        if self.scenario not in PUSHER_SCENARIOS:
+            raise ValueError(
+                f"--protocol pusher runs {' and '.join(PUSHER_SCENARIOS)}, not {self.scenario}: "
+                "Pusher has no counterpart of it"
+            )
+        pusher_key(self.url)
+        if self.scenario == "fanout":
+            # Client events go on private channels only, whose subscriptions are signed
+            # over the socket id that the welcome (pusher:connection_established) carries.
+            if not self.pusher_secret:
+                raise ValueError(
+                    "--protocol pusher fanout needs the app's secret (--pusher-secret) "
+                    "to sign its private-channel subscriptions"
+                )
+            if not self.welcome:
+                raise ValueError(
+                    "--no-welcome does not apply to --protocol pusher fanout: subscriptions "
+                    "are signed with the socket_id of pusher:connection_established"
+                )
 
     def slices(self) -> list[range]:
         """Contiguous global index ranges, one per process (never empty)."""
@@ -57,16 +97,39 @@ class RunPlan:
         return f"{self.user_prefix}-{index}"
 
     def url_for(self, index: int) -> str:
-        """The server URL with ``user_id`` added to the query (unless raw echo)."""
+        """The server URL with ``user_id`` added to the query (unless raw echo); for
+        Pusher, with ``protocol=7`` added unless the query names a protocol already, as
+        pusher-js does."""
         if self.raw:
             return self.url
         parts = urlsplit(self.url)
-        query = [*parse_qsl(parts.query), ("user_id", self.user_id(index))]
+        query = parse_qsl(parts.query)
+        if self.protocol == "pusher":
+            if any(name == "protocol" for name, _ in query):
+                return self.url
+            query.append(("protocol", "7"))
+        else:
+            query.append(("user_id", self.user_id(index)))
         return urlunsplit(parts._replace(query=urlencode(query)))
 
     @property
+    def pusher_key(self) -> str:
+        """The Pusher app key, from the URL's path ``/app/{key}``.
+
+        Raises:
+            ValueError: the URL's path is not ``/app/{key}``.
+        """
+        return pusher_key(self.url)
+
+    @property
+    def channel(self) -> str:
+        """The Pusher channel of the fanout: private, since client events need one."""
+        return f"private-{self.room}"
+
+    @property
     def waits_for_welcome(self) -> bool:
-        """Whether a connection counts only once the server's welcome arrived."""
+        """Whether a connection counts only once the server's welcome arrived (Pusher:
+        `pusher:connection_established`)."""
         return self.welcome and not self.raw
 
     # Roles -----------------------------------------------------------------
@@ -104,3 +167,16 @@ class RunPlan:
         if self.scenario == "broadcast":
             return source < self.publishers and source != receiver
         return self.scenario == "private" and source == receiver ^ 1
+
+
+def pusher_key(url: str) -> str:
+    """The app key of a Pusher endpoint's URL (``ws://host:port/app/{key}?protocol=7``).
+
+    Raises:
+        ValueError: the URL's path is not ``/app/{key}``.
+    """
+    path = urlsplit(url).path
+    key = path[len(_PUSHER_PATH) :]
+    if not path.startswith(_PUSHER_PATH) or not key or "/" in key:
+        raise ValueError(f"a Pusher URL's path is /app/{{key}}, not {path or '/'!r}")
+    return key

@@ -46,7 +46,7 @@ def summarize(outcome: RunOutcome, label: str) -> dict[str, Any]:
         "label": label,
         "scenario": plan.scenario,
         "url": plan.url,
-        "plan": dataclasses.asdict(plan),
+        "plan": _plan(plan),
         "connections": {
             "requested": plan.connections,
             "connected": connect.connected,
@@ -84,6 +84,13 @@ def summarize(outcome: RunOutcome, label: str) -> dict[str, Any]:
     result["exit_code"] = code
     result["valid"] = code in (EXIT_OK, EXIT_CONNECTIONS)
     return result
+
+
+def _plan(plan: RunPlan) -> dict[str, Any]:
+    """Every option of ``plan``, the Pusher secret left out: results get shared."""
+    options = dataclasses.asdict(plan)
+    del options["pusher_secret"]
+    return options
 
 
 def _integrity(outcome: RunOutcome) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 import uvloop
 
+from shoal.bench import pusherwire
 from shoal.bench.client import Client, open_client
 from shoal.bench.drivers import DRIVERS, Driver, DriverReport
 from shoal.bench.histogram import LatencyHistogram
@@ -140,24 +141,60 @@ class _Worker:
         report = self.connect
         report.attempted += 1
         client, cause, elapsed = await open_client(
-            plan.url_for(index), index, self, plan.connect_timeout, plan.waits_for_welcome
+            plan.url_for(index),
+            index,
+            self,
+            plan.connect_timeout,
+            plan.waits_for_welcome,
+            pusher=plan.protocol == "pusher",
         )
         if client is not None and plan.scenario == "fanout":
-            joined = client.expect(schema.JoinedRoom)
-            join: schema.ClientJoinRoom = {"type": "join_room", "room": plan.room}
-            client.send(orjson.dumps(join))
-            try:
-                async with asyncio.timeout(plan.connect_timeout):
-                    await joined
-            except (TimeoutError, ConnectionError):
+            joining = self._subscribe(client) if plan.protocol == "pusher" else self._join(client)
+            cause = await joining
+            if cause is not None:
                 client.close()
-                client, cause = None, "join_failed"
+                client = None
         if client is None:
             report.failures[cause or "unknown"] += 1
             return
         report.connected += 1
         report.handshake.record(elapsed)
         self.clients[index] = client
+
+    async def _join(self, client: Client) -> str | None:
+        """Join the fanout's room; None once joined, else the failure's cause."""
+        joined = client.expect(schema.JoinedRoom)
+        join: schema.ClientJoinRoom = {"type": "join_room", "room": self.plan.room}
+        client.send(orjson.dumps(join))
+        try:
+            async with asyncio.timeout(self.plan.connect_timeout):
+                await joined
+        except (TimeoutError, ConnectionError):
+            return "join_failed"
+        return None
+
+    async def _subscribe(self, client: Client) -> str | None:
+        """Subscribe to the fanout's Pusher channel, signed with the app's secret; None
+        once subscribed, else the failure's cause."""
+        plan = self.plan
+        # The plan checked both when it was made; the welcome gave the socket id.
+        assert plan.pusher_secret is not None
+        assert client.socket_id is not None
+        answer = client.expect_event(
+            pusherwire.SUBSCRIBED, pusherwire.SUBSCRIPTION_ERROR, pusherwire.ERROR
+        )
+        frame = pusherwire.subscribe(
+            plan.pusher_key, plan.pusher_secret, client.socket_id, plan.channel
+        )
+        client.send(frame)
+        try:
+            async with asyncio.timeout(plan.connect_timeout):
+                reply = await answer
+        except (TimeoutError, ConnectionError):
+            return "subscribe_failed"
+        if reply.get("event") != pusherwire.SUBSCRIBED or reply.get("channel") != plan.channel:
+            return "subscription_error"
+        return None
 
     async def _connect_progress(self) -> None:
         while True:
@@ -168,7 +205,9 @@ class _Worker:
     async def _traffic(self, t0_ns: int) -> None:
         plan = self.plan
         meter = Meter(t0_ns, plan.warmup, plan.duration, timeline_step_ns(plan))
-        driver = self.driver = DRIVERS[plan.scenario](plan, dict(self.clients), meter)
+        driver = self.driver = DRIVERS[plan.protocol, plan.scenario](
+            plan, dict(self.clients), meter
+        )
         await asyncio.sleep(max(0.0, (t0_ns - time.monotonic_ns()) / 1e9))
         driver.start()
         progress = asyncio.get_running_loop().create_task(self._traffic_progress(meter))

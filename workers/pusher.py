@@ -339,11 +339,13 @@ class Pusher:
         self._publish(app.id, name, payload, exclude=conn.id)
         if channel.cache:
             await self.hub.registry.redis.execute(*self.state.cache_command(app.id, name, payload))
-        event: dict[str, Any] = {"name": "client_event", "channel": name, "event": frame.event,
-                                 "data": frame.data, "socket_id": conn.id}  # fmt: skip
-        if member is not None:
-            event["user_id"] = member
-        await self._hook(app, [event])
+        if app.webhooks:  # else no event to build: this is every client event's path
+            event: dict[str, Any] = {"name": "client_event", "channel": name,
+                                     "event": frame.event, "data": frame.data,
+                                     "socket_id": conn.id}  # fmt: skip
+            if member is not None:
+                event["user_id"] = member
+            await self._hook(app, [event])
 
     # Webhooks
 

@@ -195,3 +195,37 @@ def test_usage_errors_exit_2() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["private", "--url", "ws://127.0.0.1:1/ws", "-c", "3"])
     assert exc.value.code == 2
+
+
+_APP = "ws://127.0.0.1:1/app/k"
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["echo", "--protocol", "pusher", "--url", _APP], "not echo"),
+        (["fanout", "--protocol", "pusher", "--url", _APP], "needs the app's secret"),
+        (["fanout", "--protocol", "pusher", "--url", "ws://127.0.0.1:1/ws", "--pusher-secret",
+          "s"], "path is /app/{key}, not '/ws'"),
+        (["fanout", "--protocol", "pusher", "--self-test"], "cannot run --protocol pusher"),
+        (["fanout", "--url", "ws://127.0.0.1:1/ws", "--compare-protocol", "pusher"],
+         "--compare-protocol needs --compare"),
+        (["fanout", "--url", "ws://127.0.0.1:1/ws", "--compare", "ws://127.0.0.1:1/ws",
+          "--compare-protocol", "pusher", "--pusher-secret", "s"], "path is /app/{key}"),
+        (["fanout", "--protocol", "pusher", "--url", _APP, "--pusher-secret", "s", "-c", "1",
+          "--processes", "2", "--rate", "0"], "needs at least 2 connections per load process"),
+        (["fanout", "--protocol", "pusher", "--url", _APP, "--pusher-secret", "s",
+          "--no-welcome"], "--no-welcome does not apply"),
+    ],
+)  # fmt: skip
+def test_pusher_usage_errors_exit_2(
+    argv: list[str],
+    error: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("SHOAL_BENCH_PUSHER_SECRET", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert error in capsys.readouterr().err
