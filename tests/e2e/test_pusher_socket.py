@@ -284,9 +284,10 @@ async def test_webhooks_fire_once_per_transition_across_workers(
         await ann.expect("pusher_internal:member_removed")
         await ann.subscribe("cache-empty", auth="")
         await ann.expect("pusher:cache_miss")
-        assert await receiver.next() == {"name": "cache_miss", "channel": "cache-empty"}
-    rest = {((e := await receiver.next())["name"], e["channel"]) for _ in range(4)}
+    # Each transition is its own job: the task pool may deliver them in any order.
+    rest = {((e := await receiver.next())["name"], e["channel"]) for _ in range(5)}
     assert rest == {
+        ("cache_miss", "cache-empty"),
         ("channel_occupied", "cache-empty"),
         ("member_removed", channel),
         ("channel_vacated", channel),
