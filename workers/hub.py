@@ -307,7 +307,7 @@ class Hub:
             self.keys, room, rule, channel, head, epoch=epoch, exclude=exclude_id
         )
         self.bus.post_command(*appended)
-        await self._relieved()
+        await self.relieved()
 
     async def broadcast(
         self, message: Mapping[str, Any], *, exclude: app.Connection | None = None
@@ -375,9 +375,11 @@ class Hub:
         self, channel: bytes, payload: bytes, exclude: app.Connection | None
     ) -> None:
         self.bus.post(channel, envelope.message(payload, exclude.id if exclude else None))
-        await self._relieved()
+        await self.relieved()
 
-    async def _relieved(self) -> None:
+    async def relieved(self) -> None:
+        """Return once Redis keeps up with what this worker publishes (at once if it
+        does): every publisher waits here after posting."""
         bus = self.bus
         if bus.congested:
             # Backpressure: the message is on its way, but the handler that published it

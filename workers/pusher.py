@@ -337,6 +337,7 @@ class Pusher:
                 f"Client event over {app.max_event_bytes} bytes", Close.CLIENT_EVENT_REJECTED
             )
         self._publish(app.id, name, payload, exclude=conn.id)
+        await self.hub.relieved()  # as a room message's sender waits: backpressure
         if channel.cache:
             await self.hub.registry.redis.execute(*self.state.cache_command(app.id, name, payload))
         if app.webhooks:  # else no event to build: this is every client event's path

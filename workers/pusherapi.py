@@ -166,8 +166,7 @@ class Api:
                 cache.append(self.state.cache_command(app.id, name, payload))
         if cache:
             await hub.registry.redis.pipeline(cache)
-        if bus.congested:  # as the hub's publishers do: wait for Redis to catch up
-            await bus.relieved()
+        await hub.relieved()  # as the hub's publishers do: wait for Redis to catch up
 
     async def _infos(
         self, app: PusherAppConfig, channels: list[str], info: set[str]
