@@ -109,9 +109,18 @@ class ClientPrivate(TypedDict):
     message: Any
 
 
+class RoomPosition(TypedDict):
+    """Where a client left a room with a history: the offset and epoch it last saw."""
+
+    offset: str
+    epoch: str
+
+
 class ClientJoinRoom(TypedDict):
     type: Literal["join_room"]
     room: str
+    since: NotRequired[RoomPosition]
+    """A room with a history: send what it said after this first (a resume)."""
 
 
 class ClientLeaveRoom(TypedDict):
@@ -270,6 +279,7 @@ PrivateMessage = TypedDict(
     "PrivateMessage",
     {"type": Literal["private_message"], "from": str, "message": Any, "timestamp": int},
 )
+# `offset` and `epoch`: in a room with a history, the message's place in it.
 RoomMessage = TypedDict(
     "RoomMessage",
     {
@@ -278,6 +288,8 @@ RoomMessage = TypedDict(
         "room": str,
         "message": Any,
         "timestamp": int,
+        "offset": NotRequired[str],
+        "epoch": NotRequired[str],
     },
 )
 ChannelMessage = TypedDict(
@@ -321,6 +333,9 @@ class UserJoinedRoom(TypedDict):
     user_id: str
     room: str
     total_members: int
+    offset: NotRequired[str]
+    """A room with a history: the message's place in it, as a room message's."""
+    epoch: NotRequired[str]
 
 
 class UserLeftRoom(TypedDict):
@@ -328,6 +343,9 @@ class UserLeftRoom(TypedDict):
     user_id: str
     room: str
     total_members: int
+    offset: NotRequired[str]
+    """A room with a history: the message's place in it, as a room message's."""
+    epoch: NotRequired[str]
 
 
 class Subscribed(TypedDict):
