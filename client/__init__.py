@@ -25,8 +25,10 @@ from shoal.client.persistent import (
     PersistentClient,
     Reconnected,
     Reconnecting,
+    RecoveryFailed,
     State,
 )
+from shoal.client.positions import Position
 
 __all__ = [
     "AuthenticationFailed",
@@ -41,10 +43,12 @@ __all__ = [
     "GaveUp",
     "HandshakeRefused",
     "PersistentClient",
+    "Position",
     "ProtocolError",
     "QueueFull",
     "Reconnected",
     "Reconnecting",
+    "RecoveryFailed",
     "State",
     "TaskFailed",
     "TimedOut",

@@ -4,7 +4,10 @@ On a drop it reconnects as shoal's close-code table (`shoal.core.schema.advice`)
 promptly with jitter after a restart, with exponential backoff after a failure, never
 after a kick, a ban or an expired token. While disconnected, `send()` queues; after
 reconnecting it joins the rooms and channels it was in and sets its metadata again, then
-sends the queue in order, then tells the application how long it was away.
+sends the queue in order, then tells the application how long it was away. A room that
+keeps a history is rejoined from the last offset the client saw in it (`since`): the
+server sends what the room said meanwhile first, through the same callbacks as live
+messages, or says why it cannot (the `recovery_failed` event).
 
 One task runs the connection (connect, resync, flush, read); another runs the
 application's callbacks, one at a time and in order, so a slow callback never stops the
@@ -46,6 +49,7 @@ from shoal.client.errors import (
     TaskFailed,
     TimedOut,
 )
+from shoal.client.positions import Position, Positions
 from shoal.core import schema
 
 logger = logging.getLogger(__name__)
@@ -56,7 +60,16 @@ Callback = Callable[[Any], Any]
 _C = TypeVar("_C", bound=Callback)
 
 EVENTS = frozenset(
-    {"connected", "disconnected", "reconnecting", "reconnected", "message", "binary", "error"}
+    {
+        "connected",
+        "disconnected",
+        "reconnecting",
+        "reconnected",
+        "recovery_failed",
+        "message",
+        "binary",
+        "error",
+    }
 )
 """The client's own events. Any other name passed to `on()` is a JSON message type."""
 
@@ -114,9 +127,10 @@ class Reconnecting:
 @dataclass(frozen=True, slots=True)
 class Reconnected:
     """The `reconnected` event: connected again, rooms and channels joined again, the queue
-    sent. `downtime` is the time since the drop, in seconds: messages sent to this user
-    meanwhile are lost (shoal keeps no history), so refetch what matters. `attempts`: the
-    connection attempts it took.
+    sent. `downtime` is the time since the drop, in seconds: what a room with a history
+    said meanwhile came before this event (unless `recovery_failed` said otherwise);
+    anything else sent to this user meanwhile is lost, so refetch what matters.
+    `attempts`: the connection attempts it took.
 
     `rejoined` and `resubscribed` are the rooms and channels joined again; `sent` the
     queued messages sent; `dropped` those lost to `max_queue` (`drop_oldest`) while away.
@@ -128,6 +142,20 @@ class Reconnected:
     resubscribed: tuple[str, ...]
     sent: int
     dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryFailed:
+    """The `recovery_failed` event: `room` keeps a history, but rejoining it from where the
+    client left it could not catch the client up, and nothing was replayed. `reason` is the
+    server's: `epoch changed: ...` (the history was lost, e.g. Redis restarted empty),
+    `offset too old: ...` (the history kept starts after it: the client was away longer
+    than it lasts) or `offset unknown: ...`. Refetch the room's messages from the
+    application's own records; live messages follow as usual.
+    """
+
+    room: str
+    reason: str
 
 
 @dataclass(eq=False, slots=True)
@@ -184,6 +212,13 @@ class PersistentClient:
             (`QueueFull`); `"drop_oldest"` drops the oldest to make room (counted in
             `dropped` and the `reconnected` event).
         open_timeout: seconds one connection attempt may take (TCP, TLS, handshake).
+        ping_interval: seconds between the client's pings; None: no ping.
+        ping_timeout: seconds a ping's pong may take before the connection is taken for
+            dead, closed and reconnected; None: no limit. A network that drops the
+            connection without a word (no FIN, no RST) is noticed this way only, within
+            `ping_interval + ping_timeout + close_timeout`.
+        close_timeout: seconds a closing handshake may take (the server's close frame,
+            then the end of the TCP connection) before the connection is dropped.
         request_timeout: the default timeout of `request()`.
         rng, clock, sleep: the random source of the jitter, the monotonic clock of the
             downtime and the sleep between attempts; tests replace them.
@@ -207,6 +242,9 @@ class PersistentClient:
         max_queue: int = 1000,
         queue_policy: QueuePolicy = "raise",
         open_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        close_timeout: float | None = 10.0,
         request_timeout: float = 30.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -219,6 +257,14 @@ class PersistentClient:
             raise ValueError(f"queue_policy must be 'raise' or 'drop_oldest': {queue_policy!r}")
         if max_reconnect_attempts is not None and max_reconnect_attempts < 0:
             raise ValueError("max_reconnect_attempts must not be negative")
+        timeouts = {
+            "ping_interval": ping_interval,
+            "ping_timeout": ping_timeout,
+            "close_timeout": close_timeout,
+        }
+        for name, seconds in timeouts.items():
+            if seconds is not None and not seconds > 0:
+                raise ValueError(f"{name} must be positive seconds, or None: {seconds!r}")
         self.url = url
         self.backoff = Backoff(reconnect_delay, max_delay, rng or random.Random())
         self.max_reconnect_attempts = max_reconnect_attempts
@@ -229,6 +275,7 @@ class PersistentClient:
             "additional_headers": wire.handshake_headers(headers, token),
             "subprotocols": [Subprotocol(p) for p in subprotocols or ()] or None,
             "open_timeout": open_timeout,
+            **timeouts,
         }
         if ssl is not None:  # websockets' asyncio client takes ssl=None as "no TLS"
             self._connect_options["ssl"] = ssl
@@ -244,6 +291,7 @@ class PersistentClient:
         self._rooms: dict[str, None] = {}  # insertion-ordered sets
         self._channels: dict[str, None] = {}
         self._metadata: dict[str, Any] | None = None
+        self._positions = Positions()
         self._dropped = 0
         self._closing = False
         self._close_frame: tuple[int, str] = (1000, "")
@@ -264,8 +312,9 @@ class PersistentClient:
         """Call `callback` on `event`; usable as a decorator (`@client.on("joined_room")`).
 
         Events: `connected` (`Connected`), `disconnected` (`Disconnected`), `reconnecting`
-        (`Reconnecting`), `reconnected` (`Reconnected`), `message` (every text message:
-        its JSON value, or the str when it is not JSON), `binary` (bytes), `error` (a
+        (`Reconnecting`), `reconnected` (`Reconnected`), `recovery_failed`
+        (`RecoveryFailed`, after that `joined_room`), `message` (every text message: its
+        JSON value, or the str when it is not JSON), `binary` (bytes), `error` (a
         `ClientError`: an `ErrorReply` for an error frame no request claimed, a
         `ConnectFailed` for a failed attempt, or what a callback raised). Any other name
         is a message type: the callback gets each JSON object of that `type`.
@@ -299,6 +348,12 @@ class PersistentClient:
     @property
     def channels(self) -> tuple[str, ...]:
         return tuple(self._channels)
+
+    def position(self, room: str) -> Position | None:
+        """Where the client stands in `room`, a room that keeps a history: the offset and
+        epoch of the last message it saw, which the next rejoin resumes from. None: the
+        client is not in the room, or the room keeps no history."""
+        return self._positions.of(room)
 
     @property
     def queued(self) -> int:
@@ -511,6 +566,7 @@ class PersistentClient:
                     self._rooms.clear()
                     self._channels.clear()
                     self._metadata = None
+                    self._positions.clear()
                 how = (
                     schema.Reconnect.PROMPTLY
                     if advice.reconnect is schema.Reconnect.PROMPTLY
@@ -564,8 +620,10 @@ class PersistentClient:
 
     async def _resync(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Join the rooms and channels again and set the metadata, before anything queued
-        goes out (each one a request: its reply confirms it). A room the server now
-        refuses is forgotten and the refusal goes to the `error` callbacks."""
+        goes out (each one a request: its reply confirms it). A room with a position is
+        joined from it (`since`): what the room said meanwhile arrives before the reply.
+        A room the server now refuses is forgotten and the refusal goes to the `error`
+        callbacks."""
         rooms, channels, metadata = list(self._rooms), list(self._channels), self._metadata
         if not (rooms or channels or metadata):
             return (), ()
@@ -577,6 +635,8 @@ class PersistentClient:
                 if kind == "room"
                 else {"type": "subscribe", "channel": name}
             )
+            if kind == "room" and (position := self._positions.resuming(name)) is not None:
+                message["since"] = position.since()
             reply = "joined_room" if kind == "room" else "subscribed"
             exchanges.append((kind, name, _Request(message, reply, loop.create_future())))
         if metadata:
@@ -597,7 +657,11 @@ class PersistentClient:
                 raise outcome
             if isinstance(outcome, BaseException):
                 self._emit("error", outcome)
-                (self._rooms if kind == "room" else self._channels).pop(name, None)
+                if kind == "room":
+                    self._rooms.pop(name, None)
+                    self._positions.forget(name)
+                else:
+                    self._channels.pop(name, None)
             elif kind in done:
                 done[kind].append(name)
         return tuple(done["room"]), tuple(done["channel"])
@@ -658,19 +722,28 @@ class PersistentClient:
             self._emit("error", ErrorReply(str(value.get("message"))))
         elif isinstance(kind, str) and kind not in EVENTS:
             self._emit(kind, value)
+        if kind == "joined_room" and value.get("recovered") is False:
+            failed = RecoveryFailed(str(value.get("room")), str(value.get("reason", "")))
+            self._emit("recovery_failed", failed)
 
     def _track(self, kind: Any, message: dict[str, Any]) -> None:
-        """Keep what a reconnection must restore, as the server confirms it."""
+        """Keep what a reconnection must restore, as the server confirms it, and where the
+        client stands in each room (a message of a room names it in `room`)."""
+        room = message.get("room")
         if kind == "joined_room":
-            self._rooms[str(message.get("room"))] = None
+            self._rooms[str(room)] = None
+            self._positions.joined(message)
         elif kind == "left_room":
-            self._rooms.pop(str(message.get("room")), None)
+            self._rooms.pop(str(room), None)
+            self._positions.forget(str(room))
         elif kind == "subscribed":
             self._channels[str(message.get("channel"))] = None
         elif kind == "unsubscribed":
             self._channels.pop(str(message.get("channel")), None)
         elif kind == "metadata_updated" and isinstance(message.get("metadata"), dict):
             self._metadata = message["metadata"]
+        elif isinstance(room, str) and room in self._rooms:
+            self._positions.saw(room, message)
 
     def _settle(self, kind: Any, message: dict[str, Any]) -> bool:
         """Give `message` to the request it answers; whether one claimed it."""

@@ -109,9 +109,18 @@ class ClientPrivate(TypedDict):
     message: Any
 
 
+class RoomPosition(TypedDict):
+    """Where a client left a room with a history: the offset and epoch it last saw."""
+
+    offset: str
+    epoch: str
+
+
 class ClientJoinRoom(TypedDict):
     type: Literal["join_room"]
     room: str
+    since: NotRequired[RoomPosition]
+    """A room with a history: send what it said after this first (a resume)."""
 
 
 class ClientLeaveRoom(TypedDict):

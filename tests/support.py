@@ -160,7 +160,8 @@ class BlackholeProxy:
     """A TCP proxy to a local port, in a thread of its own, that can drop every byte of
     the connections it holds without closing them: what a NAT or load balancer that
     forgot a connection, or a failover without RST, leaves a client with (a half-open
-    connection). New connections are forwarded normally.
+    connection). New connections are forwarded normally, except between `cut()` and
+    `mend()`: a network that is down.
 
     A thread, not the test's loop: tests block their loop in `wait_until`, and the
     proxy must keep forwarding meanwhile.
@@ -172,6 +173,7 @@ class BlackholeProxy:
         self.dropping: set[asyncio.Event] = set()
         self.links: list[asyncio.Event] = []
         self.accepted = 0
+        self.down = False  # set from the test's thread: one attribute, which the GIL keeps whole
         ready = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
         self.thread.start()
@@ -202,6 +204,12 @@ class BlackholeProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        if self.down:  # nothing answers: the bytes go nowhere, until the client gives up
+            with contextlib.suppress(OSError):
+                while await reader.read(65536):
+                    pass
+            writer.close()
+            return
         drop = asyncio.Event()
         self.links.append(drop)
         try:
@@ -227,6 +235,16 @@ class BlackholeProxy:
         for drop in links:
             self.loop.call_soon_threadsafe(drop.set)
         return len(links)
+
+    def cut(self) -> int:
+        """The network goes down: drop everything on the connections open now (as
+        `blackhole()`), and take every new one in without an answer until `mend()`."""
+        self.down = True
+        return self.blackhole()
+
+    def mend(self) -> None:
+        """The network is back: new connections are forwarded (those cut stay dead)."""
+        self.down = False
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.main.cancel)

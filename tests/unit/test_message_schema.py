@@ -175,6 +175,25 @@ def test_field_of_the_wrong_type_is_refused(name: str, field: str) -> None:
         schema.check_server_message({**SERVER_EXAMPLES[name], field: bad})
 
 
+# What a room with a history adds to each of its messages (and `joined_room`).
+POSITION = {"offset": "7-0", "epoch": "5a82123cf2b87729"}
+
+
+@pytest.mark.parametrize(
+    "name", ["room_message", "user_joined_room", "user_left_room", "joined_room"]
+)
+def test_a_room_with_a_history_adds_offset_and_epoch(name: str) -> None:
+    schema.check_server_message({**SERVER_EXAMPLES[name], **POSITION})
+    with pytest.raises(ValueError, match="offset"):
+        schema.check_server_message({**SERVER_EXAMPLES[name], **POSITION, "offset": 7})
+
+
+def test_join_room_may_resume_from_a_position() -> None:
+    schema.check_client_message({"type": "join_room", "room": "r", "since": POSITION})
+    with pytest.raises(ValueError, match="since"):
+        schema.check_client_message({"type": "join_room", "room": "r", "since": {"offset": "7-0"}})
+
+
 @pytest.mark.parametrize(
     "entry",
     [

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from typing_extensions import is_typeddict
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
@@ -327,6 +328,9 @@ def _field_values(hint: Any) -> st.SearchStrategy[Any]:
         return st.integers(INT_MIN, INT_MAX)
     if getattr(hint, "__origin__", None) is dict:
         return st.dictionaries(utf8_texts, sendable_values, max_size=3)
+    if is_typeddict(hint):  # an object of its own fields (`since`)
+        fields = get_type_hints(hint).items()
+        return st.fixed_dictionaries({key: _field_values(inner) for key, inner in fields})
     return sendable_values.filter(lambda value: value is not None)  # `Any`: a message
 
 
@@ -401,7 +405,7 @@ def _check(
 
 
 def _is_dict(hint: Any) -> bool:
-    return getattr(hint, "__origin__", None) is dict
+    return getattr(hint, "__origin__", None) is dict or is_typeddict(hint)
 
 
 @given(st.dictionaries(texts, json_values, max_size=4), texts)
