@@ -742,7 +742,9 @@ class PersistentClient:
             self._channels.pop(str(message.get("channel")), None)
         elif kind == "metadata_updated" and isinstance(message.get("metadata"), dict):
             self._metadata = message["metadata"]
-        elif isinstance(room, str) and room in self._rooms:
+        elif isinstance(room, str):
+            # A room being joined too: what the server held during the join comes
+            # before its `joined_room`, after the offset the reply gives.
             self._positions.saw(room, message)
 
     def _settle(self, kind: Any, message: dict[str, Any]) -> bool:

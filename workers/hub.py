@@ -178,8 +178,10 @@ class Hub:
             raise ProtocolError(f"Too many {what}: at most {most} per connection")
         channel = self.keys.bus_topic(kind, name)
         await self.bus.subscribe(channel)
-        resuming = rule is not None and since is not None
-        if resuming:
+        if rule is not None:
+            # Held from the subscription on, for a new join as for a resume: what is
+            # routed before `conn` is among the room's members would otherwise be lost,
+            # after the offset the reply gives.
             self.catching_up.setdefault(channel, {})[conn] = []
         try:
             members = await self.registry.join(kind, name, conn.id, conn.user_id, limit)
@@ -187,6 +189,8 @@ class Hub:
                 members.position = await self._position(name, rule)
                 if since is not None:
                     await self._catch_up(conn, channel, name, since, members)
+                else:
+                    self._release(conn, channel, history_api.number(members.position.offset))
         except BaseException:
             self._stop_catching_up(conn, channel)
             self.bus.unsubscribe(channel)
@@ -234,6 +238,16 @@ class Hub:
             if count is None or count > last:  # not replayed already
                 conn.push(protocol.frame(payload), payload, True)
         counters.deliveries += len(replayed) + len(waiting)
+
+    def _release(self, conn: Connection, channel: bytes, after: int) -> None:
+        """Send `conn`, joining anew, what its room's channel brought while it joined
+        after `after`, the offset its reply gives."""
+        released = 0
+        for count, payload in self._stop_catching_up(conn, channel):
+            if count is None or count > after:
+                conn.push(protocol.frame(payload), payload, True)
+                released += 1
+        counters.deliveries += released
 
     def _stop_catching_up(self, conn: Connection, channel: bytes) -> list[tuple[int | None, bytes]]:
         waiting = self.catching_up.get(channel)

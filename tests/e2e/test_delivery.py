@@ -486,11 +486,6 @@ def _wait_healthy(node: Shoal) -> None:
     wait_until(lambda: node.health(expect_ok=True), 15, f"every worker of :{node.port} serving")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workers/hub.py Hub.join reads a room's position before the connection is in "
-    "the topic: what is routed in between is neither delivered nor before the offset",
-)
 async def test_a_new_join_gets_everything_after_the_offset_its_reply_gives(
     nodes: tuple[Shoal, Shoal], delivery_redis: RedisServer
 ) -> None:
