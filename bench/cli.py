@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="echo: the server echoes frames verbatim (no welcome, no JSON envelope)",
     )
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="fanout: a connection closed or dropped by the server reconnects and rejoins "
+        "the room from the last offset it saw (the room needs a history: app.history)",
+    )
+    p.add_argument(
         "--no-welcome",
         action="store_true",
         help="count a connection once the handshake completes (server sends none)",
@@ -268,6 +274,7 @@ def _plan(args: argparse.Namespace, url: str, protocol: str) -> RunPlan:
         connect_concurrency=args.connect_concurrency,
         protocol=protocol,
         pusher_secret=args.pusher_secret if protocol == "pusher" else None,
+        resume=args.resume,
     )
 
 

@@ -88,6 +88,7 @@ class Client(WSListener):
         self._awaited: frozenset[str] = frozenset()
         self._needles: tuple[bytes, ...] = ()
         self._waiter: asyncio.Future[Any] | None = None
+        self._forward = False
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -127,7 +128,7 @@ class Client(WSListener):
             self.transport.send_close(WSCloseCode.OK)
             self.transport.disconnect()
 
-    def expect(self, kind: type[_Message]) -> asyncio.Future[_Message]:
+    def expect(self, kind: type[_Message], *, forward: bool = False) -> asyncio.Future[_Message]:
         """Future of the next message of the schema's server message ``kind``.
 
         ``kind`` is a class of :mod:`shoal.core.schema` (``schema.Welcome``); the
@@ -135,18 +136,20 @@ class Client(WSListener):
         further: the server under test is not trusted, so read its fields with care.
 
         Arm it before the message can arrive (before connecting, before sending
-        the request). Other messages arriving meanwhile are discarded: this is
-        only used during setup (welcome, joined_room), before measured traffic.
+        the request). Other messages arriving meanwhile are discarded, as they are
+        during setup (welcome, joined_room) before measured traffic; with ``forward``
+        they go to the sink instead, as the replay before a resumed join's reply must.
         """
-        return self._arm("type", (server_type(kind),))
+        return self._arm("type", (server_type(kind),), forward)
 
     def expect_event(self, *events: str) -> asyncio.Future[dict[str, Any]]:
         """Future of the next Pusher frame whose ``event`` is one of ``events`` (the
         one awaited, and the refusals that may come instead), decoded, not validated.
         Arm it as :meth:`expect`; other frames meanwhile are discarded likewise."""
-        return self._arm("event", events)
+        return self._arm("event", events, False)
 
-    def _arm(self, field: str, values: tuple[str, ...]) -> asyncio.Future[Any]:
+    def _arm(self, field: str, values: tuple[str, ...], forward: bool) -> asyncio.Future[Any]:
+        self._forward = forward
         self._awaited_field = field
         self._awaited = frozenset(values)
         self._needles = tuple(value.encode() for value in values)
@@ -161,17 +164,22 @@ class Client(WSListener):
             return
         # Only setup replies are awaited: a substring test skips parsing anything else.
         if not any(needle in payload for needle in self._needles):
+            if self._forward:
+                self.sink.on_message(self, payload)
             return
         try:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError:
+            message = None
+        if not isinstance(message, dict) or message.get(self._awaited_field) not in self._awaited:
+            if self._forward:
+                self.sink.on_message(self, payload)
             return
-        if isinstance(message, dict) and message.get(self._awaited_field) in self._awaited:
-            self._waiter = None
-            self._awaited = frozenset()
-            self._needles = ()
-            if not waiter.done():
-                waiter.set_result(message)
+        self._waiter = None
+        self._awaited = frozenset()
+        self._needles = ()
+        if not waiter.done():
+            waiter.set_result(message)
 
 
 async def open_client(

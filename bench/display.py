@@ -68,6 +68,9 @@ def result_rows(run: dict[str, Any]) -> list[tuple[str, Any]]:
         ("dropped by server", conns["dropped"] or 0),
         ("connections/s", conns["per_second"]),
     ]
+    resumed = conns["resumed"]
+    if resumed is not None:
+        rows.append(("reconnects / recovered", f"{resumed['reconnects']} / {resumed['recovered']}"))
     for p in ("p50", "p90", "p99", "max"):
         rows.append((f"handshake {p} ms", conns["handshake_ms"][p]))
     traffic = run["traffic"]

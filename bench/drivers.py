@@ -175,6 +175,9 @@ class Driver:
         self.meter = meter
         self.sending = False
         self.result = DriverReport()
+        self.positions: dict[int, schema.RoomPosition] = {}
+        """With ``--resume``: the last offset and epoch of the room each connection saw
+        (the worker seeds it with each join's position)."""
 
     def start(self) -> None:
         """Begin sending (called at the common start time)."""
@@ -202,6 +205,20 @@ class Driver:
 
     def on_message(self, client: Client, payload: bytes) -> None:
         """Handle one message received by ``client``."""
+        raise NotImplementedError
+
+    def away(self, index: int) -> None:
+        """Connection ``index`` broke and is reconnecting (``--resume``): send nothing on it."""
+        raise NotImplementedError
+
+    def rejoined(self, client: Client, recovered: bool) -> int:
+        """``client`` took the place of its index's broken connection, and rejoined the
+        room; ``recovered``: its join said every message after its position was replayed.
+        Go on with it.
+
+        Returns:
+            How many of its own messages the sender goes back over and sends again.
+        """
         raise NotImplementedError
 
     def _complete(self, sent_totals: dict[int, int]) -> bool:
@@ -371,6 +388,11 @@ class StreamDriver(Driver):
     the sender's own room echo (fanout), ``message_sent`` (private), or the
     arrival at another connection of this process (broadcast, and Pusher's client
     events: neither comes back to its sender).
+
+    With ``--resume`` (fanout), a publisher whose connection broke has its echoes
+    replayed by its resumed join, each once and in order: once the join says
+    ``recovered``, the room holds exactly its first ``acked`` messages, so those after
+    them never reached it, and the publisher sends them again under the same numbers.
     """
 
     _DELIVERY_TYPES = frozenset(
@@ -380,17 +402,18 @@ class StreamDriver(Driver):
     def __init__(self, plan: RunPlan, clients: dict[int, Client], meter: Meter) -> None:
         super().__init__(plan, clients, meter)
         self.ledger = SequenceLedger()
-        self._senders = [clients[i] for i in sorted(clients) if plan.is_sender(i)]
-        self._seq = {c.index: 0 for c in self._senders}
-        self._acked = {c.index: 0 for c in self._senders}
+        self._senders = [i for i in sorted(clients) if plan.is_sender(i)]
+        self._seq = dict.fromkeys(self._senders, 0)
+        self._acked = dict.fromkeys(self._senders, 0)
         self._witness: dict[int, int | None] = {}
         self._frames: dict[int, bytes] = {}
         self._echoless = plan.scenario == "broadcast" or plan.protocol == "pusher"
-        for c in self._senders:
-            self._frames[c.index] = stream_template(plan, c.index)
-            # Every other connection receives what c sends: its first one is the witness.
-            others = (i for i in clients if i != c.index)
-            self._witness[c.index] = next(others, None) if self._echoless else None
+        self._away: set[int] = set()
+        for sender in self._senders:
+            self._frames[sender] = stream_template(plan, sender)
+            # Every other connection receives what it sends: the first one is the witness.
+            others = (i for i in clients if i != sender)
+            self._witness[sender] = next(others, None) if self._echoless else None
         self._ticker: asyncio.Task[None] | None = None
         self._owed_fresh = 0
         self._owed = 0
@@ -400,9 +423,9 @@ class StreamDriver(Driver):
         if self.plan.rate > 0:
             self._ticker = asyncio.get_running_loop().create_task(self._pace())
         else:
-            for c in self._senders:
+            for sender in self._senders:
                 for _ in range(self.plan.max_inflight):
-                    self._send(c)
+                    self._send(sender)
 
     def stop(self) -> None:
         super().stop()
@@ -413,16 +436,17 @@ class StreamDriver(Driver):
         return dict(self._seq)
 
     def _window_open(self, index: int) -> bool:
+        if index in self._away:
+            return False
         if self._echoless and self._witness[index] is None:
             return True  # nothing local can observe delivery; pacing alone bounds it
         return self._seq[index] - self._acked[index] < self.plan.max_inflight
 
-    def _send(self, client: Client) -> None:
-        index = client.index
+    def _send(self, index: int) -> None:
         seq = self._seq[index]
         self._seq[index] = seq + 1
         now = time.monotonic_ns()
-        client.send(self._frames[index] % (index, seq, now))
+        self.clients[index].send(self._frames[index] % (index, seq, now))
         self.meter.on_send(now)
 
     async def _pace(self) -> None:
@@ -430,9 +454,9 @@ class StreamDriver(Driver):
         t0 = self.meter.t0
         while self.sending:
             due = int((time.monotonic_ns() - t0) / 1e9 * per_sender) + 1
-            for c in self._senders:
-                while self._seq[c.index] < due and self._window_open(c.index):
-                    self._send(c)
+            for sender in self._senders:
+                while self._seq[sender] < due and self._window_open(sender):
+                    self._send(sender)
             await asyncio.sleep(_TICK_S)
 
     def on_message(self, client: Client, payload: bytes) -> None:
@@ -443,6 +467,10 @@ class StreamDriver(Driver):
             return
         kind = message.get("type")
         if kind in self._DELIVERY_TYPES:
+            if self.plan.resume:
+                offset, epoch = message.get("offset"), message.get("epoch")
+                if isinstance(offset, str) and isinstance(epoch, str):
+                    self.positions[client.index] = {"offset": offset, "epoch": epoch}
             self._delivered(client, message.get("message"), now)
         elif kind == "message_sent":
             self._acked[client.index] += 1
@@ -481,7 +509,27 @@ class StreamDriver(Driver):
         # Only the unpaced mode sends from acknowledgements; paced mode's ticker
         # picks up the reopened window on its next tick.
         if self.sending and self.plan.rate <= 0 and self._window_open(index):
-            self._send(self.clients[index])
+            self._send(index)
+
+    def away(self, index: int) -> None:
+        self._away.add(index)
+
+    def rejoined(self, client: Client, recovered: bool) -> int:
+        index = client.index
+        self.clients[index] = client
+        self._away.discard(index)
+        if index not in self._seq or not recovered:
+            return 0  # not recovered: its echoes prove nothing, and the run says so
+        resent = self._seq[index] - self._acked[index]
+        self._seq[index] = self._acked[index]
+        if not self.sending:
+            # The window closed with these counted as sent: they are owed, send them now.
+            for _ in range(resent):
+                self._send(index)
+        elif self.plan.rate <= 0:
+            while self._window_open(index):
+                self._send(index)
+        return resent
 
     async def drain(self, sent_totals: dict[int, int], deadline: float) -> None:
         self._owed = sum(

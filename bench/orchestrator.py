@@ -17,7 +17,13 @@ from typing import Any
 from shoal.bench.drivers import DriverReport, check_templates
 from shoal.bench.plan import RunPlan
 from shoal.bench.probe import ProbeSample, ServerProbe
-from shoal.bench.worker import ConnectReport, WorkerResult, timeline_step_ns, worker_main
+from shoal.bench.worker import (
+    ConnectReport,
+    ResumeReport,
+    WorkerResult,
+    timeline_step_ns,
+    worker_main,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,7 @@ class RunOutcome:
     connect: ConnectReport = field(default_factory=ConnectReport)
     drops: Counter[str] = field(default_factory=Counter)
     traffic: DriverReport | None = None
+    resume: ResumeReport | None = None
     sent_by_source: dict[int, int] = field(default_factory=dict)
     timeline_step_s: float = 0.0
     server_before: ProbeSample | None = None
@@ -127,6 +134,10 @@ class _Run:
         for result in self._collect("result"):
             assert isinstance(result, WorkerResult)
             outcome.drops.update(result.drops)
+            if result.resume is not None:
+                if outcome.resume is None:
+                    outcome.resume = ResumeReport()
+                outcome.resume.merge(result.resume)
             if result.traffic is not None:
                 outcome.traffic = _merge_traffic(outcome.traffic, result.traffic)
         self._broadcast(("close",))

@@ -47,6 +47,9 @@ class RunPlan:
     pusher_secret: str | None = field(default=None, repr=False)
     """The Pusher app's secret, which signs the bench's private-channel subscriptions;
     never written to the results."""
+    resume: bool = False
+    """fanout (shoal protocol): a connection that is closed or drops reconnects and rejoins
+    the room from the last offset it saw (a room with a history), instead of being lost."""
     room: str = field(default_factory=lambda: f"bench-{secrets.token_hex(4)}")
     user_prefix: str = field(default_factory=lambda: f"b{secrets.token_hex(3)}")
 
@@ -54,10 +57,16 @@ class RunPlan:
         """Check what the protocol allows.
 
         Raises:
-            ValueError: an unknown protocol, or a Pusher run it cannot carry out.
+            ValueError: an unknown protocol, a Pusher run it cannot carry out, or a resume
+                outside the shoal protocol's fanout.
         """
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}: one of {', '.join(PROTOCOLS)}")
+        if self.resume and (self.scenario != "fanout" or self.protocol != "shoal"):
+            raise ValueError(
+                "--resume applies to fanout in the shoal protocol only: it rejoins the room "
+                "from the room history's offsets, which only shoal's rooms have"
+            )
         if self.protocol != "pusher":
             return
         if self.scenario not in PUSHER_SCENARIOS:

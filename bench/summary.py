@@ -12,6 +12,7 @@ from shoal.bench.ledger import EXAMPLE_LIMIT, LedgerReport
 from shoal.bench.orchestrator import RunOutcome
 from shoal.bench.plan import RunPlan
 from shoal.bench.probe import ProbeSample
+from shoal.bench.worker import ResumeReport
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -55,6 +56,7 @@ def summarize(outcome: RunOutcome, label: str) -> dict[str, Any]:
             "elapsed_s": elapsed_s,
             "per_second": connect.connected / elapsed_s,
             "handshake_ms": latency_summary(connect.handshake),
+            "resumed": _resumed(outcome),
         },
         "traffic": None,
         "integrity": None,
@@ -169,6 +171,24 @@ def _tally_streams(
     out["unexpected"] = sum(t.unique for k, t in streams.items() if k not in seen)
 
 
+def _resumed(outcome: RunOutcome) -> dict[str, Any] | None:
+    """With ``--resume``: how the connections that broke came back; else None."""
+    resume = outcome.resume
+    if not outcome.plan.resume:
+        return None
+    if resume is None:
+        resume = ResumeReport()  # no traffic: nothing broke while it ran
+    return {
+        "broken": dict(resume.broken),
+        "reconnects": resume.reconnects,
+        "recovered": resume.recovered,
+        "all_recovered": resume.recovered == resume.reconnects and not resume.failed,
+        "not_recovered": dict(resume.not_recovered),
+        "failed": dict(resume.failed),
+        "resent": resume.resent,
+    }
+
+
 def _server(outcome: RunOutcome) -> dict[str, Any] | None:
     before = outcome.server_before or outcome.server_idle
     after = outcome.server_after
@@ -225,5 +245,12 @@ def _judge(result: dict[str, Any]) -> tuple[list[str], int]:
         code = code or EXIT_CONNECTIONS
     if dropped:
         problems.append(f"{dropped} connection(s) dropped by the server: {conns['dropped']}")
+        code = code or EXIT_CONNECTIONS
+    resumed = conns["resumed"]
+    if resumed is not None and resumed["not_recovered"]:
+        problems.append(f"rejoins not recovered: {resumed['not_recovered']}")
+        code = code or EXIT_INTEGRITY
+    if resumed is not None and resumed["failed"]:
+        problems.append(f"connection(s) that did not come back: {resumed['failed']}")
         code = code or EXIT_CONNECTIONS
     return problems, code

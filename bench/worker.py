@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import traceback
 from collections import Counter
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 _PROGRESS_S = 0.5
 # The timeline has about this many points over warmup + duration (for charts).
 _TIMELINE_POINTS = 100
+# --resume waits this long (uniformly drawn) before each attempt to reconnect: a reload
+# closes many connections at once, and they should not all come back at the same moment.
+_RESUME_DELAY_S = (0.05, 0.5)
 
 
 @dataclass
@@ -52,11 +56,40 @@ class ConnectReport:
 
 
 @dataclass
+class ResumeReport:
+    """How the connections that broke came back (``--resume``)."""
+
+    broken: Counter[str] = field(default_factory=Counter)
+    """Why connections broke, as ``drops`` counts it (``close_1012``, ``dropped``)."""
+    reconnects: int = 0
+    """Connections that came back and rejoined the room."""
+    recovered: int = 0
+    """Rejoins whose ``joined_room`` said ``recovered: true``."""
+    not_recovered: Counter[str] = field(default_factory=Counter)
+    """Rejoins that said otherwise, by their ``reason``: what they missed is lost."""
+    failed: Counter[str] = field(default_factory=Counter)
+    """Connections that did not come back within ``connect_timeout``, by the last cause."""
+    resent: int = 0
+    """Publishers' messages sent again: handed to a connection that broke, and proven by
+    the resumed join's replay never to have reached the room."""
+
+    def merge(self, other: ResumeReport) -> None:
+        """Fold another process's report in."""
+        self.broken.update(other.broken)
+        self.reconnects += other.reconnects
+        self.recovered += other.recovered
+        self.not_recovered.update(other.not_recovered)
+        self.failed.update(other.failed)
+        self.resent += other.resent
+
+
+@dataclass
 class WorkerResult:
     """Everything one process measured after its connections were up."""
 
     drops: Counter[str] = field(default_factory=Counter)
     traffic: DriverReport | None = None
+    resume: ResumeReport | None = None
 
 
 def timeline_step_ns(plan: RunPlan) -> int:
@@ -82,6 +115,10 @@ class _Worker:
         self.drops: Counter[str] = Counter()
         self.connect = ConnectReport()
         self.inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self.positions: dict[int, schema.RoomPosition] = {}
+        self.resume = ResumeReport()
+        self.resuming: dict[int, asyncio.Task[None]] = {}
+        self.finished = False
 
     # MessageSink ------------------------------------------------------------
 
@@ -93,8 +130,16 @@ class _Worker:
         handshake = client.transport.close_handshake if client.transport else None
         received = handshake.recv if handshake is not None else None
         cause = f"close_{int(received.code.value)}" if received is not None else "dropped"
+        index = client.index
+        if index in self.resuming:
+            return  # a reconnection that broke while joining: its attempt goes on
+        if self.plan.resume and self.driver is not None and not self.finished:
+            self.resume.broken[cause] += 1
+            self.driver.away(index)
+            self.resuming[index] = asyncio.get_running_loop().create_task(self._resume(index))
+            return
         self.drops[cause] += 1
-        self.clients.pop(client.index, None)
+        self.clients.pop(index, None)
 
     # Phases -----------------------------------------------------------------
 
@@ -149,8 +194,10 @@ class _Worker:
             pusher=plan.protocol == "pusher",
         )
         if client is not None and plan.scenario == "fanout":
-            joining = self._subscribe(client) if plan.protocol == "pusher" else self._join(client)
-            cause = await joining
+            if plan.protocol == "pusher":
+                cause = await self._subscribe(client)
+            else:
+                cause = self._position(index, await self._join(client))
             if cause is not None:
                 client.close()
                 client = None
@@ -161,17 +208,70 @@ class _Worker:
         report.handshake.record(elapsed)
         self.clients[index] = client
 
-    async def _join(self, client: Client) -> str | None:
-        """Join the fanout's room; None once joined, else the failure's cause."""
-        joined = client.expect(schema.JoinedRoom)
+    async def _join(
+        self, client: Client, since: schema.RoomPosition | None = None
+    ) -> schema.JoinedRoom | None:
+        """Join the fanout's room, from ``since`` if given (a resume: the replay before
+        the reply goes to the driver, as live messages do); the reply, or None if none came."""
+        joined = client.expect(schema.JoinedRoom, forward=since is not None)
         join: schema.ClientJoinRoom = {"type": "join_room", "room": self.plan.room}
+        if since is not None:
+            join["since"] = since
         client.send(orjson.dumps(join))
         try:
             async with asyncio.timeout(self.plan.connect_timeout):
-                await joined
+                return await joined
         except (TimeoutError, ConnectionError):
+            return None
+
+    def _position(self, index: int, joined: schema.JoinedRoom | None) -> str | None:
+        """Note where connection ``index`` joined (``--resume``); None, else why it failed."""
+        if joined is None:
             return "join_failed"
+        if not self.plan.resume:
+            return None
+        offset, epoch = joined.get("offset"), joined.get("epoch")
+        if not isinstance(offset, str) or not isinstance(epoch, str):
+            return "room_without_history"  # --resume needs app.history to cover the room
+        self.positions[index] = {"offset": offset, "epoch": epoch}
         return None
+
+    async def _resume(self, index: int) -> None:
+        """Reconnect connection ``index`` and rejoin its room from the last offset it saw,
+        within ``connect_timeout``; a jittered delay before each attempt."""
+        plan = self.plan
+        driver = self.driver
+        assert driver is not None  # only traffic's connections resume
+        deadline = time.monotonic() + plan.connect_timeout
+        cause = "timeout"
+        try:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(random.uniform(*_RESUME_DELAY_S))
+                limit = max(0.0, deadline - time.monotonic())
+                client, failure, _ = await open_client(
+                    plan.url_for(index), index, self, limit, plan.waits_for_welcome
+                )
+                if client is None:
+                    cause = failure or "unknown"
+                    continue
+                joined = await self._join(client, driver.positions.get(index))
+                if joined is None:
+                    cause = "join_failed"
+                    client.close()
+                    continue
+                recovered = joined.get("recovered") is True
+                if recovered:
+                    self.resume.recovered += 1
+                else:
+                    self.resume.not_recovered[str(joined.get("reason", "no recovered"))] += 1
+                self.resume.reconnects += 1
+                self.resume.resent += driver.rejoined(client, recovered)
+                self.clients[index] = client
+                return
+            self.resume.failed[cause] += 1
+            self.clients.pop(index, None)
+        finally:
+            del self.resuming[index]
 
     async def _subscribe(self, client: Client) -> str | None:
         """Subscribe to the fanout's Pusher channel, signed with the app's secret; None
@@ -208,6 +308,7 @@ class _Worker:
         driver = self.driver = DRIVERS[plan.protocol, plan.scenario](
             plan, dict(self.clients), meter
         )
+        driver.positions.update(self.positions)
         await asyncio.sleep(max(0.0, (t0_ns - time.monotonic_ns()) / 1e9))
         driver.start()
         progress = asyncio.get_running_loop().create_task(self._traffic_progress(meter))
@@ -217,7 +318,13 @@ class _Worker:
         command = await self.inbox.get()
         await driver.drain(command[1], time.monotonic() + plan.drain)
         progress.cancel()
-        self.pipe.send(("result", WorkerResult(drops=self.drops, traffic=driver.report())))
+        self.finished = True
+        for task in list(self.resuming.values()):
+            task.cancel()  # still away at the end: what it missed counts as lost
+            self.resume.failed["away_at_end"] += 1
+        resume = self.resume if plan.resume else None
+        result = WorkerResult(drops=self.drops, traffic=driver.report(), resume=resume)
+        self.pipe.send(("result", result))
 
     async def _traffic_progress(self, meter: Meter) -> None:
         while True:
