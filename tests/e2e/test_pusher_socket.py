@@ -210,12 +210,19 @@ class WebhookReceiver:
     """An HTTP server that keeps the webhooks it receives, checked with the Python
     server library's `validate_webhook` (signature, key and age)."""
 
-    def __init__(self, signer: pusher_library.Pusher) -> None:
+    def __init__(self, signer: pusher_library.Pusher, refuse: int = 0) -> None:
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.posts = 0
+        receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                receiver.posts += 1
+                if receiver.posts <= refuse:  # a receiver that is down for a moment
+                    self.send_response(503)
+                    self.end_headers()
+                    return
                 checked = signer.validate_webhook(
                     self.headers["X-Pusher-Key"], self.headers["X-Pusher-Signature"], body
                 )
@@ -419,3 +426,20 @@ async def test_a_dead_workers_last_subscriber_fires_vacated_once(
         gone = {(await receiver.next(timeout=30))["name"] for _ in range(2)}
         assert gone == {"member_removed", "channel_vacated"}
         await receiver.nothing()
+
+
+async def test_a_webhook_refused_with_503_is_delivered_by_a_retry(
+    tmp_path: Path, settings: dict[str, Any], signer: pusher_library.Pusher
+) -> None:
+    hooks = WebhookReceiver(signer, refuse=1)
+    app = {"id": APP_ID, "key": KEY, "secret": SECRET, "webhooks": [{"url": hooks.url}]}
+    tasks = {"task_worker_num": 1, "retry_backoff": 0.2}
+    node = Shoal(tmp_path, {**settings, "pusher": {"apps": [app]}, "tasks": tasks}).start()
+    try:
+        async with pusher_client(node, KEY) as ann:
+            await ann.subscribe("news", auth="")
+            assert await hooks.next() == {"name": "channel_occupied", "channel": "news"}
+            assert hooks.posts == 2  # the first was refused, the retry delivered it
+    finally:
+        node.stop()
+        hooks.server.shutdown()
