@@ -228,8 +228,10 @@ class Hub:
         members.recovered = members.reason is None
         last = history_api.number(since.offset)
         if not members.recovered:
-            replayed = []  # the client refetches from its own records instead
-            last = 0
+            # The client refetches up to the room's position from its own records: it
+            # gets what comes after it, as on a new join.
+            replayed = []
+            last = history_api.number(position.offset)
         waiting = self._stop_catching_up(conn, channel)
         for offset, payload in replayed:
             conn.push(protocol.frame(payload), payload, True)
