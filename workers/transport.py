@@ -549,6 +549,12 @@ class WebSocket(asyncio.Protocol):
             self._lost = self.loop.create_future()
         await asyncio.shield(self._lost)
 
+    @property
+    def reading_paused(self) -> bool:
+        """Whether this server stopped reading the client (`pause_reading()`, or a spent
+        inflation budget): what the client sends meanwhile waits, unseen."""
+        return self._paused or self._drain_handle is not None
+
     def pause_reading(self) -> None:
         self._paused = True
         if self.transport is not None:

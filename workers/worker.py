@@ -364,6 +364,11 @@ class Worker:
             now = loop.time()
             for conn in list(self.hub.local.values()):
                 ws = conn.ws
+                if conn.busy or ws.reading_paused:
+                    # This server is behind, not the client: a handler waits (for Redis,
+                    # say) and what the client sent waits unread. Its silence is ours.
+                    ws.last_seen = now
+                    continue
                 silent = now - ws.last_seen
                 if silent >= idle_time:
                     conn.close_soon(CloseCode.IDLE_TIMEOUT, "idle timeout")

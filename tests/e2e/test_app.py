@@ -143,3 +143,39 @@ def test_invalid_chat_settings_stop_the_node_naming_the_key(
     node = Shoal(tmp_path, settings).start(wait=False)
     assert node.wait(15) == 1
     assert "app.joined_members_limit: must be an integer ≥ 0, not 'ten'" in node.log()
+
+
+SLOW_APP = """
+import asyncio
+from shoal.core.app import App
+
+app = App()
+
+
+@app.on("slow")
+async def slow(conn, message):
+    await asyncio.sleep(float(message["seconds"]))
+    await conn.send({"type": "done"})
+"""
+
+
+async def test_a_client_whose_handler_waits_is_not_closed_as_idle(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    """The keepalive closes clients that say nothing; one whose handler is still waiting
+    (for Redis under backpressure, say) is silent because of the server, not itself."""
+    (tmp_path / "slowapp.py").write_text(SLOW_APP)
+    settings["app"] = {"module": "slowapp:app"}
+    settings["server"].update(heartbeat_check_interval=0.5, heartbeat_idle_time=1.5)
+    node = Shoal(tmp_path, settings).start(app_path=tmp_path)
+    try:
+        async with client(node.url("ann"), welcome=None) as ann:
+            # The first handler waits 4 s; what follows fills the connection's inbox, so
+            # the server stops reading it, its pongs included (`Sessions`).
+            await ann.send({"type": "slow", "seconds": 4})
+            for _ in range(80):
+                await ann.send({"type": "slow", "seconds": 0})
+            for _ in range(81):  # all answered: not closed with 4001 meanwhile
+                assert (await ann.recv(10))["type"] == "done"
+    finally:
+        node.stop()
