@@ -25,7 +25,6 @@ import orjson
 from shoal.core.errors import ProtocolError
 from shoal.core.schema import CloseCode
 
-PROTOCOL = 7
 MAX_CHANNEL_LENGTH = 200
 MAX_EVENT_NAME_LENGTH = 200
 SIGNATURE_WINDOW = 600
@@ -235,7 +234,6 @@ def connection_established(socket_id: str, activity_timeout: int) -> bytes:
 
 
 PONG = orjson.dumps({"event": "pusher:pong", "data": {}})
-PING = orjson.dumps({"event": "pusher:ping", "data": {}})
 
 
 def subscription_error(name: str, error: str, status: int) -> bytes:

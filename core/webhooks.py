@@ -51,7 +51,7 @@ def request(app: PusherAppConfig, events: list[Event], now: float) -> dict[str, 
     headers = {
         "Content-Type": "application/json",
         "X-Pusher-Key": app.key,
-        "X-Pusher-Signature": pusher.sign(app.secret_value(), body),
+        "X-Pusher-Signature": pusher.webhook_signature(app.secret_value(), body),
     }
     return {"body": body, "headers": headers}
 
