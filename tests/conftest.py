@@ -50,3 +50,18 @@ def shoal(tmp_path: Path, settings: dict[str, Any]) -> Iterator[Shoal]:
     node = Shoal(tmp_path, settings).start()
     yield node
     node.stop()
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, settings: dict[str, Any]) -> Iterator[tuple[Shoal, Shoal]]:
+    """Two nodes (two `shoal serve` on different ports) of one deployment: one Redis,
+    one prefix, each with the test's `settings`."""
+    first = Shoal(tmp_path / "a", settings)
+    second = Shoal(tmp_path / "b", settings)
+    try:
+        first.start()
+        second.start()
+        yield first, second
+    finally:
+        first.stop()
+        second.stop()

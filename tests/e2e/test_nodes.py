@@ -2,26 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from support import Shoal, client
-
-
-@pytest.fixture
-def nodes(tmp_path: Path, settings: dict[str, Any]) -> Iterator[tuple[Shoal, Shoal]]:
-    first = Shoal(tmp_path / "a", settings)
-    second = Shoal(tmp_path / "b", settings)
-    try:
-        first.start()
-        second.start()
-        yield first, second
-    finally:
-        first.stop()
-        second.stop()
 
 
 async def test_rooms_broadcast_private_and_presence_span_nodes(nodes: tuple[Shoal, Shoal]) -> None:

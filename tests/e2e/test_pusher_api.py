@@ -6,8 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -160,18 +158,6 @@ def test_gets_on_a_kept_alive_connection(shoal: Shoal) -> None:
         connection.close()
     status, body = call(shoal, "GET", signed("GET", f"/apps/{APP_ID}/channels/news"))
     assert (status, body) == (200, {"occupied": False})
-
-
-@pytest.fixture
-def nodes(tmp_path: Path, settings: dict[str, Any]) -> Iterator[tuple[Shoal, Shoal]]:
-    first, second = Shoal(tmp_path / "a", settings), Shoal(tmp_path / "b", settings)
-    try:
-        first.start()
-        second.start()
-        yield first, second
-    finally:
-        first.stop()
-        second.stop()
 
 
 async def test_two_nodes_on_one_redis_are_one_pusher_server(nodes: tuple[Shoal, Shoal]) -> None:
