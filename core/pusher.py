@@ -276,24 +276,49 @@ def parse(raw: str | bytes) -> ClientFrame:
     return ClientFrame(event, name, message.get("data"))
 
 
-def subscription(data: Any) -> tuple[Any, Any, str | None]:
-    """The channel, `auth` and `channel_data` of a `pusher:subscribe`'s data (pusher-js
-    sends an object; some clients send it JSON-encoded), channel and `auth` unchecked.
+def _event_object(data: Any, what: str) -> dict[str, Any]:
+    """A `pusher:*` event's data as an object: pusher-js sends one, some clients send it
+    JSON-encoded.
 
     Raises:
-        PusherError: malformed.
+        PusherError: "Invalid `what` data": neither.
     """
     if type(data) is str:
         try:
             data = orjson.loads(data)
         except orjson.JSONDecodeError:
-            raise PusherError("Invalid subscription data") from None
+            data = None
     if type(data) is not dict:
-        raise PusherError("Invalid subscription data")
+        raise PusherError(f"Invalid {what} data")
+    return data
+
+
+def subscription(data: Any) -> tuple[Any, Any, str | None]:
+    """The channel, `auth` and `channel_data` of a `pusher:subscribe`'s data, channel and
+    `auth` unchecked.
+
+    Raises:
+        PusherError: malformed.
+    """
+    data = _event_object(data, "subscription")
     channel_data = data.get("channel_data")
     if channel_data is not None and type(channel_data) is not str:
         raise PusherError("channel_data must be a JSON string")
     return data.get("channel"), data.get("auth"), channel_data
+
+
+def signin(data: Any) -> tuple[str, Any]:
+    """The `user_data` (the JSON string the signature covers) and `auth` of a
+    `pusher:signin`'s data, `auth` unchecked.
+
+    Raises:
+        PusherError: malformed.
+    """
+    data = _event_object(data, "signin")
+    user_data = data.get("user_data")
+    if type(user_data) is not str:
+        raise PusherError("user_data must be a JSON string")
+    return user_data, data.get("auth")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-import orjson
-
 from shoal.config.model import PusherAppConfig, PusherConfig
 from shoal.core import envelope, protocol, pusher, webhooks
 from shoal.core.app import App, FrameHandler, OpenHandler
@@ -280,15 +278,9 @@ class Pusher:
         client = _client(conn)
         app = client.app
         assert app is not None
-        if type(data) is str:
-            data = _loads(data)
-        if type(data) is not dict:
-            raise PusherError("Invalid signin data")
-        user_data = data.get("user_data")
-        if type(user_data) is not str:
-            raise PusherError("user_data must be a JSON string")
+        user_data, auth = pusher.signin(data)
         expected = pusher.user_auth(app.key, app.secret_value(), conn.id, user_data)
-        if not pusher.check_auth(data.get("auth"), expected):
+        if not pusher.check_auth(auth, expected):
             raise PusherError("Invalid signature", Close.UNAUTHORIZED)
         user = pusher.signed_in_user(user_data)
         if client.user is not None and client.user != user:
@@ -378,10 +370,3 @@ def _client(conn: Connection) -> Client:
 
 def _send(conn: Connection, payload: bytes) -> None:
     conn.push(protocol.frame(payload), payload, True)
-
-
-def _loads(text: str) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None

@@ -115,6 +115,36 @@ async def test_presence_members_are_users_across_workers(
         assert removed["data"] == {"user_id": "1"}
 
 
+async def test_signin_is_checked_and_malformed_signin_data_is_refused(
+    shoal: Shoal, signer: pusher_library.Pusher
+) -> None:
+    """`pusher:signin` data as pusher-js sends it (an object) or JSON-encoded; malformed
+    data is answered with an error the connection survives; a signature made for another
+    socket is refused with 4009, which closes the connection."""
+    async with pusher_client(shoal, KEY) as c:
+        bad: object
+        for bad, message in (
+            ("{", "Invalid signin data"),
+            ([], "Invalid signin data"),
+            ({"auth": "k:s"}, "user_data must be a JSON string"),
+            ({"user_data": {"id": "7"}}, "user_data must be a JSON string"),
+        ):
+            await c.send("pusher:signin", bad)
+            assert (await c.expect("pusher:error"))["data"]["message"] == message
+        signed = signer.authenticate_user(c.socket_id, {"id": "7"})
+        await c.send("pusher:signin", json.dumps(signed))
+        success = await c.expect("pusher:signin_success")
+        assert success["data"] == {"user_data": signed["user_data"]}
+
+    async with pusher_client(shoal, KEY) as c:
+        await c.send("pusher:signin", signer.authenticate_user("1.1", {"id": "8"}))
+        refused = await c.expect("pusher:error")
+        assert refused["data"] == {"code": 4009, "message": "Invalid signature"}
+        with pytest.raises(ConnectionClosed) as closed:
+            await c.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4009
+
+
 async def test_client_events_reach_other_subscribers_only(
     shoal: Shoal, signer: pusher_library.Pusher
 ) -> None:

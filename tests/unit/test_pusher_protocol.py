@@ -162,6 +162,16 @@ def test_subscription_data_may_be_an_object_or_a_json_string() -> None:
             pusher.subscription(bad)
 
 
+def test_signin_data_may_be_an_object_or_a_json_string() -> None:
+    data = {"user_data": '{"id":"7"}', "auth": "k:s"}
+    assert pusher.signin(data) == ('{"id":"7"}', "k:s")
+    assert pusher.signin(orjson.dumps(data).decode()) == ('{"id":"7"}', "k:s")
+    bad: object
+    for bad in ("{", "[]", None, {"auth": "k:s"}, {"user_data": {"id": "7"}}):
+        with pytest.raises(PusherError):
+            pusher.signin(bad)
+
+
 def test_presence_members_are_keyed_by_the_string_of_their_user_id() -> None:
     assert pusher.member('{"user_id":7,"user_info":{"n":1}}') == pusher.Member("7", {"n": 1})
     assert pusher.member('{"user_id":"ann"}') == pusher.Member("ann", None)
