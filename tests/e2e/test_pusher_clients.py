@@ -315,13 +315,11 @@ def test_pusher_js_reconnects_and_resubscribes_after_a_server_restart(
 
 
 def test_pusher_js_on_two_nodes_sharing_one_redis(
-    tmp_path: Path, settings: dict[str, Any], auth: AuthEndpoint
+    nodes: tuple[Shoal, Shoal], auth: AuthEndpoint
 ) -> None:
-    first, second = Shoal(tmp_path / "a", settings), Shoal(tmp_path / "b", settings)
+    first, second = nodes
     agents: list[Agent] = []
     try:
-        first.start()
-        second.start()
         ann, bo = Agent(first, auth, "ann"), Agent(second, auth, "bo")
         agents += [ann, bo]
         for agent in (ann, bo):
@@ -344,5 +342,3 @@ def test_pusher_js_on_two_nodes_sharing_one_redis(
     finally:
         for agent in agents:
             agent.close()
-        first.stop()
-        second.stop()
