@@ -30,6 +30,12 @@ client, still uploading a refused body, could lose the answer.
 A client that goes away while a responder runs costs nothing: the responder finishes and
 its answer is dropped.
 
+Stopping (`Exchanges.close`, when the worker stops or is replaced): a connection waiting
+for its next request closes at once; a request under way, or one that has begun to
+arrive, is still answered, with `Connection: close`, and its connection then closes. A
+client's keep-alive pool sees the end of stream and opens its next connection to
+another worker, so that a reload fails no request.
+
 Counted: the bytes read and written (`counters.bytes_in`, `counters.bytes_out`), as the
 WebSocket connections count theirs. Requests are not counted by status yet: the routes
 that will answer them do not exist yet either.
@@ -150,8 +156,8 @@ def _error(status: int, *headers: tuple[str, str], close: bool = True) -> HttpRe
     return HttpResponse(status, body, [("content-type", "application/json"), *closing, *headers])
 
 
-def _head(response: HttpResponse) -> h11.Response:
-    """The status line and headers of `response`.
+def _head(response: HttpResponse, *, close: bool = False) -> h11.Response:
+    """The status line and headers of `response`, with `Connection: close` if `close`.
 
     Raises:
         h11.LocalProtocolError: a header name or value HTTP does not allow.
@@ -160,6 +166,8 @@ def _head(response: HttpResponse) -> h11.Response:
     headers = response.headers
     if response.status not in _BODILESS:
         headers = [*headers, ("content-length", str(len(response.body)))]
+    if close:
+        headers = [*headers, ("connection", "close")]
     try:
         reason = http.HTTPStatus(response.status).phrase
     except ValueError:  # a status with no registered phrase: the phrase is optional
@@ -167,11 +175,47 @@ def _head(response: HttpResponse) -> h11.Response:
     return h11.Response(status_code=response.status, headers=headers, reason=reason)
 
 
+class Exchanges:
+    """A worker's plain HTTP connections, so that a stop ends each well (see the module
+    docstring)."""
+
+    def __init__(self) -> None:
+        self.live: set[Exchange] = set()
+        """Those open and not closing: a request may still come or be answered."""
+        self.closing = False
+        self._empty: asyncio.Event | None = None
+
+    def add(self, served: Exchange) -> None:
+        self.live.add(served)
+        if self.closing:
+            served.close_when_idle()
+
+    def discard(self, served: Exchange) -> None:
+        self.live.discard(served)
+        if not self.live and self._empty is not None:
+            self._empty.set()
+
+    def close(self) -> None:
+        """Close every connection between two requests now, and each other one once its
+        request is answered; so too those that come from now on."""
+        self.closing = True
+        for served in list(self.live):
+            served.close_when_idle()
+
+    async def wait_answered(self) -> None:
+        """Return once every connection is closing, its last answer written (after
+        `close`)."""
+        while self.live:
+            self._empty = asyncio.Event()
+            await self._empty.wait()
+
+
 class Exchange(asyncio.Protocol):
     """One client connection served as plain HTTP/1.1.
 
     Args:
         responder: answers each request.
+        exchanges: the worker's connections, which this one joins while it is open.
         max_head: bytes of a request line and its headers; 431 past it.
         max_body: bytes of a request body; 413 past it.
         request_timeout: seconds a request may take to arrive whole, from its first
@@ -193,6 +237,7 @@ class Exchange(asyncio.Protocol):
         "_size",
         "_timer",
         "client",
+        "exchanges",
         "h11",
         "idle_timeout",
         "loop",
@@ -206,6 +251,7 @@ class Exchange(asyncio.Protocol):
     def __init__(
         self,
         responder: Responder,
+        exchanges: Exchanges,
         *,
         max_head: int = MAX_HEAD,
         max_body: int = MAX_BODY,
@@ -218,6 +264,7 @@ class Exchange(asyncio.Protocol):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, not {value!r}")
         self.responder = responder
+        self.exchanges = exchanges
         self.max_head = max_head
         self.max_body = max_body
         self.request_timeout = request_timeout
@@ -248,6 +295,7 @@ class Exchange(asyncio.Protocol):
         self.client = str(peer[0]) if peer else ""
         self._idle = False
         self._wait(self.request_timeout)
+        self.exchanges.add(self)
 
     def adopt(self, transport: asyncio.BaseTransport, data: bytes) -> None:
         """Take over a connection another protocol accepted, with the bytes it read (and
@@ -270,6 +318,13 @@ class Exchange(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._cancel()
+        self.exchanges.discard(self)
+
+    def close_when_idle(self) -> None:
+        """Close now if no request is under way or arriving; otherwise once it is
+        answered (`Connection: close`)."""
+        if self._idle and not self._responding and not self.h11.trailing_data[0]:
+            self._close()
 
     # Reading requests
 
@@ -362,13 +417,14 @@ class Exchange(asyncio.Protocol):
     async def _answer(self, request: HttpRequest) -> None:
         try:
             response = await self.responder(request)
-            head = _head(response)
+            # The worker stops: this is the connection's last answer.
+            head = _head(response, close=self.exchanges.closing)
         except Exception:
             # Never the query: it may carry credentials.
             path = request.target.partition("?")[0]
             logger.exception("answering %s %s failed", request.method, path)
             response = _error(http.HTTPStatus.INTERNAL_SERVER_ERROR, close=False)
-            head = _head(response)
+            head = _head(response, close=self.exchanges.closing)
         self._responding = False
         if self.transport is None or self._closing:
             return  # the client went away meanwhile: nobody to answer
@@ -429,6 +485,7 @@ class Exchange(asyncio.Protocol):
             return
         self._closing = True
         self._cancel()
+        self.exchanges.discard(self)
         if not transport.can_write_eof():
             transport.close()
             return
@@ -461,4 +518,4 @@ class Exchange(asyncio.Protocol):
             self._refuse(http.HTTPStatus.REQUEST_TIMEOUT)
 
 
-__all__ = ["Exchange", "HttpRequest", "HttpResponse", "Responder", "refuse"]
+__all__ = ["Exchange", "Exchanges", "HttpRequest", "HttpResponse", "Responder", "refuse"]

@@ -18,7 +18,7 @@ import orjson
 from websockets.http11 import Request, Response
 
 from shoal.workers import demo, exposition
-from shoal.workers.exchange import HttpResponse, Responder
+from shoal.workers.exchange import Exchanges, HttpResponse, Responder
 from shoal.workers.transport import WebSocket
 
 HEALTH_PATH = "/healthz"
@@ -124,6 +124,7 @@ class Admin:
         self.health = health
         self.metrics_path = metrics_path
         self.metrics = metrics
+        self.exchanges = Exchanges()  # each refused with 405 (`responder`), then closed
 
     def route(self, ws: WebSocket, request: Request) -> Response:
         path = request.path.partition("?")[0]

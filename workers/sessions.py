@@ -42,7 +42,7 @@ from shoal.workers import pusher as pusher_endpoint
 from shoal.workers.addresses import counted_as
 from shoal.workers.admission import Admission
 from shoal.workers.connection import Connection
-from shoal.workers.exchange import HttpRequest, HttpResponse, Responder
+from shoal.workers.exchange import Exchanges, HttpRequest, HttpResponse, Responder
 from shoal.workers.gate import Gate
 from shoal.workers.http import Route, json_response, plain_response
 from shoal.workers.hub import Hub
@@ -115,6 +115,8 @@ class Sessions:
         self.rates = rates if rates is not None and rates.enabled else None
         self.log_connections = log_connections
         self.http_responder = responder
+        self.exchanges = Exchanges()
+        """The connections served as plain HTTP (the Pusher HTTP API's POSTs)."""
         self.loop = asyncio.get_running_loop()
         # Connections whose opening handshake completed, with their Connection (None
         # for one being refused): what lost() counts and logs, whatever became of it.

@@ -44,7 +44,7 @@ from websockets.server import ServerProtocol
 from shoal.core.metrics import counters
 from shoal.core.protocol import frames_end, whole_messages
 from shoal.workers import exchange
-from shoal.workers.exchange import Exchange, Responder
+from shoal.workers.exchange import Exchange, Exchanges, Responder
 from shoal.workers.inflation import Budget, frame_size
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,10 @@ class Handlers(Protocol):
 
         `lost(ws)` follows at once: the connection is the exchange's from then on.
         """
+
+    @property
+    def exchanges(self) -> Exchanges:
+        """The connections `responder` made plain HTTP exchanges, for the worker's stop."""
 
     def route(self, ws: WebSocket, request: Request) -> Response | Deferred | None:
         """Answer a plain HTTP request or refuse a handshake; None to accept it; `DEFER`
@@ -414,6 +418,7 @@ class WebSocket(asyncio.Protocol):
         responder = handlers.responder(self)
         served = Exchange(
             exchange.refuse if responder is None else responder,
+            handlers.exchanges,
             max_head=settings.http_max_head,
             max_body=settings.http_max_body,
             request_timeout=settings.open_timeout,

@@ -417,6 +417,7 @@ class Worker:
             self._drain()
         for server in servers:
             server.close()
+        self.sessions.exchanges.close()
         sockets = list(self.sessions.open)
         logger.info(
             "worker %s stopping: closing %d connections with %d%s",
@@ -442,6 +443,8 @@ class Worker:
                         *(ws.wait_closed() for ws in [*sessions.open, *sessions.handshaking])
                     )
                     await sessions.drain()
+                # The plain HTTP requests under way (the Pusher HTTP API's) are answered.
+                await sessions.exchanges.wait_answered()
                 await self.hub.registry.forget_worker(self.id)
         except (TimeoutError, ServiceUnavailable) as exc:
             logger.warning("worker %s stopped before its state was removed: %r", self.id, exc)

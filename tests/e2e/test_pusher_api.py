@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
+import threading
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -15,7 +17,7 @@ from pushers import PusherSocket, pusher_client, spread_clients
 
 from shoal.core import pusher
 
-from support import Shoal
+from support import Shoal, wait_until
 
 APP_ID, KEY, SECRET = "4242", "shoal-key", "shoal-secret-0123456789"
 OFF_ID, OFF_KEY = "77", "off-key"
@@ -180,3 +182,42 @@ async def test_two_nodes_on_one_redis_are_one_pusher_server(nodes: tuple[Shoal, 
 
         await bo.ws.close()
         assert (await ann.expect("pusher_internal:member_removed"))["data"] == {"user_id": "bo"}
+
+
+def test_triggers_through_a_rolling_reload_all_succeed(
+    shoal: Shoal, library: pusher_library.Pusher
+) -> None:
+    """A Laravel app broadcasts back to back while every worker is replaced (SIGHUP): the
+    library's keep-alive connection to an old worker gets its request under way answered,
+    with `Connection: close`, and its next goes to a new worker. No trigger fails."""
+    old = set(shoal.worker_pids())
+    sent = 0
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def broadcast() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            try:
+                library.trigger("news", "tick", {"n": sent})
+            except Exception as exc:  # what the app would see: any of them fails the test
+                failures.append(repr(exc))
+            sent += 1
+
+    thread = threading.Thread(target=broadcast)
+    thread.start()
+    try:
+        wait_until(lambda: sent >= 20, 10, "triggers before the reload")
+        shoal.signal(signal.SIGHUP)
+
+        def replaced() -> bool:
+            pids = set(shoal.worker_pids())
+            return len(pids) == 2 and not pids & old
+
+        wait_until(replaced, 30, "every worker replaced")
+        before = sent
+        wait_until(lambda: sent >= before + 20, 10, "triggers after the reload")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert failures == [], f"{len(failures)} of {sent} triggers failed: {failures[:3]}"

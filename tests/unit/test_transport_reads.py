@@ -19,7 +19,7 @@ from websockets.http11 import Request, Response
 from websockets.uri import parse_uri
 
 from shoal.workers import transport
-from shoal.workers.exchange import Responder
+from shoal.workers.exchange import Exchanges, Responder
 
 MAX_SIZE = 100_000
 
@@ -30,6 +30,7 @@ class Recorder:
     def __init__(self) -> None:
         self.messages: list[str | bytes] = []
         self.gone = False
+        self.exchanges = Exchanges()
 
     def made(self, ws: transport.WebSocket) -> None:
         pass

@@ -32,7 +32,7 @@ from websockets.http11 import Request, Response
 from websockets.sync.client import connect
 
 from shoal.workers import transport
-from shoal.workers.exchange import Exchange, HttpRequest, HttpResponse, Responder
+from shoal.workers.exchange import Exchange, Exchanges, HttpRequest, HttpResponse, Responder
 
 from support import SCALE, upgrade_request, wait_until
 
@@ -48,6 +48,7 @@ class Doorman:
         self.http = responder
         self.made_count = 0
         self.handshaking: set[transport.WebSocket] = set()
+        self.exchanges = Exchanges()
 
     def made(self, ws: transport.WebSocket) -> None:
         self.made_count += 1
@@ -302,6 +303,46 @@ def test_reading_stops_while_a_responder_runs(serve: Callable[..., Server]) -> N
         server.call(release.set)
         sock.settimeout(5 * SCALE)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_a_stop_closes_idle_connections_and_answers_the_request_under_way_first(
+    serve: Callable[..., Server],
+) -> None:
+    """`Exchanges.close()` (the worker stops): a connection between requests gets its end
+    of stream at once; a request being answered gets its answer, with `Connection:
+    close`, and only then the end of stream; `wait_answered` returns after that."""
+    started = threading.Event()
+    release = asyncio.Event()
+
+    async def slow(request: HttpRequest) -> HttpResponse:
+        if request.target == "/slow":
+            started.set()
+            await release.wait()
+        return HttpResponse(200, b"done")
+
+    server = serve(slow)
+    exchanges = server.doorman.exchanges
+    answered = threading.Event()
+
+    async def stop() -> None:
+        exchanges.close()
+        await exchanges.wait_answered()
+        answered.set()
+
+    with server.connect() as idle, server.connect() as busy:
+        idle.sendall(PROBE)
+        ((status, headers, _),) = read_responses(idle, 1)
+        assert status == 200 and "connection" not in headers  # kept alive
+        busy.sendall(PROBE.replace(b"/probe", b"/slow"))
+        assert started.wait(5 * SCALE)
+        server.call(lambda: server.loop.create_task(stop()))
+        assert closed(idle)
+        assert not answered.wait(0.2 * SCALE)  # the slow request is still to be answered
+        server.call(release.set)
+        ((status, headers, body),) = read_responses(busy, 1)
+        assert (status, headers["connection"], body) == (200, "close", b"done")
+        assert closed(busy)
+        assert answered.wait(5 * SCALE)
 
 
 def test_expect_100_continue_is_answered_before_the_body_is_sent(
