@@ -316,7 +316,14 @@ class _Worker:
         driver.stop()
         self.pipe.send(("sent", driver.sent_by_source()))
         command = await self.inbox.get()
-        await driver.drain(command[1], time.monotonic() + plan.drain)
+        deadline = time.monotonic() + plan.drain
+        await driver.drain(command[1], deadline)
+        if self.resuming:
+            # Connections closed late (a reload spreads its closes over its grace) may
+            # have missed nothing and still be on their way back: they have what is left
+            # of the drain to come back.
+            resuming = list(self.resuming.values())
+            await asyncio.wait(resuming, timeout=max(0.0, deadline - time.monotonic()))
         progress.cancel()
         self.finished = True
         for task in list(self.resuming.values()):
