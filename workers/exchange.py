@@ -37,8 +37,7 @@ client's keep-alive pool sees the end of stream and opens its next connection to
 another worker, so that a reload fails no request.
 
 Counted: the bytes read and written (`counters.bytes_in`, `counters.bytes_out`), as the
-WebSocket connections count theirs. Requests are not counted by status yet: the routes
-that will answer them do not exist yet either.
+WebSocket connections count theirs. Requests are not counted by status.
 """
 
 from __future__ import annotations
