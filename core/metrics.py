@@ -52,6 +52,10 @@ REFUSALS = (
     *("unauthorized", "banned", "invalid", "unavailable"),
     *("connections_per_ip", "connections_per_ip_per_minute"),
 )
+HTTP_STATUSES = (
+    *("200", "400", "401", "403", "404", "405", "408", "413", "431", "500", "501", "503"),
+    OTHER,
+)
 TASK_OUTCOMES = ("ok", "failed", "timeout", "abandoned")
 TASK_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0)
 RESTART_REASONS = ("crashed", "stuck", "reload", "max_request", "scale")
@@ -104,6 +108,7 @@ PROCESS_FAMILIES = (
     Family("redis_reconnects", "counter", "Redis connections opened again after one was lost."),
     Family("rate_limited", "counter", "Client messages refused by the per-connection rate limits (limits.messages_per_second, limits.bytes_per_second)."),
     Family("publish_waits", "counter", "Times a client's publish made its connection wait because Redis was behind (limits.publish_backlog, limits.subscriber_backlog)."),
+    Family("http_requests", "counter", "Plain HTTP requests the workers answered, by status: the Pusher HTTP API's, and every request that is not a GET.", "status", HTTP_STATUSES),
     Family("tasks", "counter", "Task jobs that ended in this node's task pool, by outcome.", "outcome", TASK_OUTCOMES),
     Family("task_run_seconds", "histogram", "Time each run of a task job took in a task process, retries included.", "", TASK_RUN_COLUMNS),
     Family("task_queue_depth", "gauge", "Task jobs queued or running in the whole deployment (the length of the tasks stream), read every few seconds."),
@@ -159,6 +164,7 @@ class Counters:
         self.redis_reconnects = 0
         self.rate_limited = 0
         self.publish_waits = 0
+        self.http_requests = dict.fromkeys(HTTP_STATUSES, 0)
         self.tasks = dict.fromkeys(TASK_OUTCOMES, 0)
         # Cumulative, as Prometheus buckets are: a run counts in every bucket it fits.
         self.task_run_seconds = dict.fromkeys(TASK_RUN_COLUMNS, 0.0)
@@ -170,6 +176,13 @@ class Counters:
             self.connections_closed[str(code)] += 1
         except KeyError:
             self.connections_closed[OTHER] += 1
+
+    def answered(self, status: int) -> None:
+        """A plain HTTP request was answered with `status`."""
+        try:
+            self.http_requests[str(status)] += 1
+        except KeyError:
+            self.http_requests[OTHER] += 1
 
     def sent(self, kind: Any) -> None:
         """A message of JSON type `kind` went to one client.

@@ -37,7 +37,8 @@ client's keep-alive pool sees the end of stream and opens its next connection to
 another worker, so that a reload fails no request.
 
 Counted: the bytes read and written (`counters.bytes_in`, `counters.bytes_out`), as the
-WebSocket connections count theirs. Requests are not counted by status.
+WebSocket connections count theirs, and each answer by its status
+(`counters.http_requests`).
 """
 
 from __future__ import annotations
@@ -432,6 +433,7 @@ class Exchange(asyncio.Protocol):
     def _reply(self, response: HttpResponse, head: h11.Response) -> None:
         """Write the answer, then go on with the next request or close."""
         conn = self.h11
+        counters.answered(response.status)
         data = conn.send(head)
         if response.body and not self._head_only:
             data += conn.send(h11.Data(data=response.body))
@@ -455,6 +457,7 @@ class Exchange(asyncio.Protocol):
         """Answer `status` (the exchange's own error) and close, reading no further."""
         conn = self.h11
         if conn.our_state is h11.IDLE or conn.our_state is h11.SEND_RESPONSE:
+            counters.answered(status)
             response = _error(status)
             data = conn.send(_head(response))
             if not self._head_only:

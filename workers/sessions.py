@@ -203,6 +203,7 @@ class Sessions:
             answer = HttpResponse(
                 500, b'{"error": "internal error"}\n', [("content-type", "application/json")]
             )
+        counters.answered(answer.status)
         ws.respond(plain_response(ws, answer))
 
     def _checked(self, ws: WebSocket, checked: asyncio.Future[list[Any]]) -> None:

@@ -15,9 +15,9 @@ import pusher as pusher_library
 import pytest
 from pushers import PusherSocket, pusher_client, spread_clients
 
-from shoal.core import pusher
+from shoal.core import metrics, pusher
 
-from support import Shoal, wait_until
+from support import Shoal, scrape, wait_until
 
 APP_ID, KEY, SECRET = "4242", "shoal-key", "shoal-secret-0123456789"
 OFF_ID, OFF_KEY = "77", "off-key"
@@ -143,6 +143,24 @@ def test_refusals_carry_pushers_statuses(shoal: Shoal) -> None:
     assert status == 400 and "filter_by_prefix" in body["error"]
     assert call(shoal, "GET", signed("GET", f"{channels}/news/users"))[0] == 400
     assert call(shoal, "GET", signed("GET", f"/apps/{APP_ID}/nothing"))[0] == 404
+
+    # Each answer is counted by its status, on whichever worker gave it.
+    answered = {"200": 1, "400": 8, "401": 5, "403": 1, "404": 2, "405": 1, "413": 1}
+    seen: dict[str, float] = {}
+
+    def counted() -> bool:
+        samples = scrape(shoal)
+        seen.clear()
+        for status in metrics.HTTP_STATUSES:
+            if samples["shoal_http_requests_total", status]:
+                seen[status] = samples["shoal_http_requests_total", status]
+        return seen == answered
+
+    try:
+        wait_until(counted, 5, "every answer counted by its status")
+    except AssertionError:
+        assert seen == answered
+        raise
 
 
 def test_gets_on_a_kept_alive_connection(shoal: Shoal) -> None:

@@ -31,6 +31,7 @@ import uvloop
 from websockets.http11 import Request, Response
 from websockets.sync.client import connect
 
+from shoal.core.metrics import counters
 from shoal.workers import transport
 from shoal.workers.exchange import Exchange, Exchanges, HttpRequest, HttpResponse, Responder
 
@@ -423,6 +424,7 @@ def test_an_oversized_body_is_refused_before_it_is_read(serve: Callable[..., Ser
 def test_an_oversized_head_gets_431(serve: Callable[..., Server]) -> None:
     server = serve(http_max_head=2048)
     big = b"X-Big: " + b"b" * 3000 + b"\r\n"
+    before = counters.http_requests["431"]
     # Whole in one read, and still arriving past the limit.
     for request in (b"POST /x HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n",
                     b"POST /x HTTP/1.1\r\nHost: x\r\n" + big):  # fmt: skip
@@ -432,6 +434,7 @@ def test_an_oversized_head_gets_431(serve: Callable[..., Server]) -> None:
             assert status == 431 and closed(sock)
             assert json.loads(body) == {"error": "request header fields too large"}
     assert not server.requests
+    assert counters.http_requests["431"] == before + 2  # the server counts in this process
 
 
 @pytest.mark.parametrize(
