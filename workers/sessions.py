@@ -163,12 +163,12 @@ class Sessions:
             counters.handshakes_refused["unauthorized"] += 1
             body = {"error": "unauthorized", "reason": str(exc)}
             return json_response(ws, http.HTTPStatus.UNAUTHORIZED, body, WWW_Authenticate="Bearer")
+        except ServiceUnavailable as exc:  # before ProtocolError: it is one
+            return self._unavailable(ws, str(exc))
         except ProtocolError as exc:
             counters.handshakes_refused["invalid"] += 1
             return json_response(ws, http.HTTPStatus.BAD_REQUEST, {"error": "bad request",
                                                              "reason": str(exc)})  # fmt: skip
-        except ServiceUnavailable as exc:
-            return self._unavailable(ws, str(exc))
         ws.identity = identity
         addresses = gate.addresses
         if addresses.trusted:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from support import FAST_REDIS, Client, RedisServer, Shoal, wait_until
+from support import FAST_REDIS, Client, RedisServer, Shoal, eventually, wait_until
 
 
 def settings_for(redis_server: RedisServer, prefix: str, jwt_config: dict[str, Any]) -> Any:
@@ -88,9 +88,13 @@ def forge_hs256(body: dict[str, Any], secret: bytes) -> str:
 class _Jwks(http.server.BaseHTTPRequestHandler):
     document: bytes = b"{}"
     hits = 0
+    # Set: each answer waits for it (an identity provider that is slow to answer).
+    held: threading.Event | None = None
 
     def do_GET(self) -> None:
         type(self).hits += 1
+        if self.held is not None:
+            self.held.wait(30)
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(self.document)))
@@ -112,6 +116,39 @@ def jwks_server() -> Iterator[tuple[str, type[_Jwks]]]:
     server.server_close()
 
 
+async def test_handshakes_get_503_until_the_jwks_is_fetched(
+    tmp_path: Path, redis_server: RedisServer, prefix: str, jwks_server: Any
+) -> None:
+    """While a worker waits for the identity provider, a valid token is not refused: the
+    handshake gets 503 (retry later), and succeeds once the keys are in."""
+    address, handler = jwks_server
+    handler.held = threading.Event()
+    private = ec.generate_private_key(ec.SECP256R1())
+    public_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(private.public_key()))
+    handler.document = json.dumps({"keys": [{**public_jwk, "kid": "k1"}]}).encode()
+    config = {"jwks_url": address, "algorithms": ["ES256"], "audience": "chat",
+              "issuer": "https://idp"}  # fmt: skip
+    node = Shoal(tmp_path, settings_for(redis_server, prefix, config)).start()
+    try:
+        wait_until(lambda: handler.hits >= 2, 10, "both workers to ask for the JWKS")
+        good = jwt.encode(claims("ann"), private, "ES256", headers={"kid": "k1"})
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(f"ws://127.0.0.1:{node.port}/ws?token={good}"):
+                pass
+        response = refused.value.response
+        assert response.status_code == 503
+        assert json.loads(response.body)["reason"] == "signing keys not loaded yet"
+        handler.held.set()
+
+        async def admitted() -> bool:
+            return await status_of(node.port, good) == 101
+
+        await eventually(admitted, 10, "the handshake admitted once the keys are in")
+    finally:
+        handler.held.set()
+        node.stop()
+
+
 async def test_es256_keys_from_a_jwks(
     tmp_path: Path, redis_server: RedisServer, prefix: str, jwks_server: Any
 ) -> None:
@@ -127,9 +164,12 @@ async def test_es256_keys_from_a_jwks(
               "issuer": "https://idp"}  # fmt: skip
     node = Shoal(tmp_path, settings_for(redis_server, prefix, config)).start()
     try:
-        wait_until(lambda: handler.hits >= 2, 10, "both workers to fetch the JWKS")
         good = jwt.encode(claims("ann"), private, "ES256", headers={"kid": "k1"})
-        assert await status_of(node.port, good) == 101
+
+        async def admitted() -> bool:  # 503 until the worker has the keys
+            return await status_of(node.port, good) == 101
+
+        await eventually(admitted, 10, "a token of the JWKS's key admitted")
         other = ec.generate_private_key(ec.SECP256R1())
         unknown_kid = jwt.encode(claims("ann"), other, "ES256", headers={"kid": "k2"})
         assert await status_of(node.port, unknown_kid) == 401
