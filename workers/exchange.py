@@ -323,7 +323,7 @@ class Exchange(asyncio.Protocol):
     def close_when_idle(self) -> None:
         """Close now if no request is under way or arriving; otherwise once it is
         answered (`Connection: close`)."""
-        if self._idle and not self._responding and not self.h11.trailing_data[0]:
+        if self._idle:  # between requests: none is arriving, none is being answered
             self._close()
 
     # Reading requests
