@@ -40,7 +40,10 @@ class PusherSocket:
 
     async def expect(self, event: str, timeout: float = 5) -> dict[str, Any]:
         """The next frame, which must be `event`; its `data` parsed when a string."""
-        message = await self.recv(timeout)
+        return self._parsed(await self.recv(timeout), event)
+
+    @staticmethod
+    def _parsed(message: dict[str, Any], event: str) -> dict[str, Any]:
         assert message["event"] == event, message
         data = message.get("data")
         if isinstance(data, str):
@@ -53,8 +56,14 @@ class PusherSocket:
             print(await self.recv(seconds))
 
     async def subscribe(self, channel: str, **auth: Any) -> dict[str, Any]:
+        """Subscribe; the `subscription_succeeded`. A `member_added` of the channel may
+        come before it, published while the subscription was under way (docs/pusher.md,
+        "Events from just before a subscription"): it is read and skipped."""
         await self.send("pusher:subscribe", {"channel": channel, **auth})
-        return await self.expect("pusher_internal:subscription_succeeded")
+        message = await self.recv()
+        while message["event"] == "pusher_internal:member_added" and message["channel"] == channel:
+            message = await self.recv()
+        return self._parsed(message, "pusher_internal:subscription_succeeded")
 
 
 def app_url(shoal: Shoal, key: str) -> str:
