@@ -392,6 +392,14 @@ def _limit_open_files(soft: int) -> None:
 Samples = dict[tuple[str, str], float]
 
 
+def workers_replaced(node: Shoal, old: set[int]) -> set[int] | None:
+    """The worker pids once none of `old` is left and every slot serves again."""
+    pids = set(node.worker_pids())
+    if pids & old or len(pids) != node.workers or node.health(expect_ok=True) is None:
+        return None
+    return pids
+
+
 def scrape(node: Shoal, path: str = "/metrics") -> Samples:
     """GET the metrics page of `node` (whichever worker answers, on the admin listener)
     and parse it."""

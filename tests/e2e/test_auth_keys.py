@@ -43,6 +43,16 @@ async def status_of(port: int, token: str) -> int:
         return exc.response.status_code
 
 
+async def admitted(port: int, token: str) -> None:
+    """Wait until a handshake with `token` is admitted: a worker answers 503 until it has
+    fetched the JWKS."""
+
+    async def accepted() -> bool:
+        return await status_of(port, token) == 101
+
+    await eventually(accepted, 10, "a token of the JWKS's key admitted")
+
+
 async def test_rs256_with_a_public_key_file(
     tmp_path: Path, redis_server: RedisServer, prefix: str
 ) -> None:
@@ -139,11 +149,7 @@ async def test_handshakes_get_503_until_the_jwks_is_fetched(
         assert response.status_code == 503
         assert json.loads(response.body)["reason"] == "signing keys not loaded yet"
         handler.held.set()
-
-        async def admitted() -> bool:
-            return await status_of(node.port, good) == 101
-
-        await eventually(admitted, 10, "the handshake admitted once the keys are in")
+        await admitted(node.port, good)
     finally:
         handler.held.set()
         node.stop()
@@ -165,11 +171,7 @@ async def test_es256_keys_from_a_jwks(
     node = Shoal(tmp_path, settings_for(redis_server, prefix, config)).start()
     try:
         good = jwt.encode(claims("ann"), private, "ES256", headers={"kid": "k1"})
-
-        async def admitted() -> bool:  # 503 until the worker has the keys
-            return await status_of(node.port, good) == 101
-
-        await eventually(admitted, 10, "a token of the JWKS's key admitted")
+        await admitted(node.port, good)
         other = ec.generate_private_key(ec.SECP256R1())
         unknown_kid = jwt.encode(claims("ann"), other, "ES256", headers={"kid": "k2"})
         assert await status_of(node.port, unknown_kid) == 401

@@ -44,6 +44,7 @@ from support import (
     client,
     eventually,
     wait_until,
+    workers_replaced,
 )
 
 PERIOD = 0.02  # between two numbers of the sender
@@ -278,14 +279,6 @@ async def receiver(url: str, room: str, **options: Any) -> AsyncIterator[Receive
         await rx.pc.close()
 
 
-def worker_pids_replaced(node: Shoal, old: set[int]) -> set[int] | None:
-    """The worker pids once none of `old` is left and every slot serves again."""
-    pids = set(node.worker_pids())
-    if pids & old or len(pids) != node.workers or node.health(expect_ok=True) is None:
-        return None
-    return pids
-
-
 def record_figures(record: Record, rx: Receiver, away_from: float, said: int) -> None:
     """What the outage cost: seconds from the disturbance to the rejoin's reply, the
     client's own downtime, the messages replayed, and the numbers said in all."""
@@ -314,7 +307,7 @@ async def test_a_rolling_reload_of_every_worker_loses_nothing(
         hup = time.monotonic()
         tested.signal(signal.SIGHUP)
         new = await asyncio.to_thread(
-            wait_until, lambda: worker_pids_replaced(tested, old), 30, "new workers"
+            wait_until, lambda: workers_replaced(tested, old), 30, "new workers"
         )
         await rx.wait_rejoined(lambda pid: pid in new)
         await rx.wait_numbers(len(rx.numbers) + 10)  # live again

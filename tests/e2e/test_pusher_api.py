@@ -17,7 +17,7 @@ from pushers import PusherSocket, pusher_client, spread_clients
 
 from shoal.core import metrics, pusher
 
-from support import Shoal, scrape, wait_until
+from support import Shoal, scrape, wait_until, workers_replaced
 
 APP_ID, KEY, SECRET = "4242", "shoal-key", "shoal-secret-0123456789"
 OFF_ID, OFF_KEY = "77", "off-key"
@@ -227,12 +227,7 @@ def test_triggers_through_a_rolling_reload_all_succeed(
     try:
         wait_until(lambda: sent >= 20, 10, "triggers before the reload")
         shoal.signal(signal.SIGHUP)
-
-        def replaced() -> bool:
-            pids = set(shoal.worker_pids())
-            return len(pids) == 2 and not pids & old
-
-        wait_until(replaced, 30, "every worker replaced")
+        wait_until(lambda: workers_replaced(shoal, old), 30, "every worker replaced")
         before = sent
         wait_until(lambda: sent >= before + 20, 10, "triggers after the reload")
     finally:

@@ -23,6 +23,7 @@ from support import (
     eventually,
     scrape,
     wait_until,
+    workers_replaced,
 )
 
 GRACE = 2.0
@@ -44,15 +45,6 @@ def rewrite(node: Shoal, change: dict[str, dict[str, Any]]) -> None:
     for section, values in change.items():
         settings.setdefault(section, {}).update(values)
     node.config_path.write_text(yaml.safe_dump(settings))
-
-
-def replaced(node: Shoal, old: set[int]) -> set[int] | None:
-    """The worker pids once none of `old` is left and every slot serves again."""
-    pids = set(node.worker_pids())
-    if pids & old or len(pids) != node.workers:
-        return None
-    health = node.health(expect_ok=True)
-    return pids if health is not None else None
 
 
 async def closed_with(c: Client) -> tuple[int | None, float]:
@@ -119,7 +111,9 @@ async def test_sighup_replaces_every_worker_under_traffic(node: Shoal) -> None:
         closes = [asyncio.create_task(closed_with(c)) for c in clients]
         hup = time.monotonic()
         node.signal(signal.SIGHUP)
-        new = await asyncio.to_thread(wait_until, lambda: replaced(node, old), 30, "new workers")
+        new = await asyncio.to_thread(
+            wait_until, lambda: workers_replaced(node, old), 30, "new workers"
+        )
         results = await asyncio.gather(*closes)
         await asyncio.to_thread(
             wait_until, lambda: "reload done" in node.log(), 10, "the reload to finish"
@@ -167,7 +161,7 @@ async def test_sighup_applies_a_changed_config(node: Shoal) -> None:
     rewrite(node, {"server": {"max_message_size": 1000, "buffer_output_size": 2_097_152}})
     old = set(node.worker_pids())
     node.signal(signal.SIGHUP)
-    await asyncio.to_thread(wait_until, lambda: replaced(node, old), 30, "new workers")
+    await asyncio.to_thread(wait_until, lambda: workers_replaced(node, old), 30, "new workers")
     async with client(node.url()) as c:
         await c.ws.send("x" * 2000)
         code, _ = await closed_with(c)
@@ -200,7 +194,7 @@ async def test_settings_that_cannot_change_keep_their_value(node: Shoal) -> None
     )
     old = set(node.worker_pids())
     node.signal(signal.SIGHUP)
-    await asyncio.to_thread(wait_until, lambda: replaced(node, old), 30, "new workers")
+    await asyncio.to_thread(wait_until, lambda: workers_replaced(node, old), 30, "new workers")
     log = node.log()
     assert log.count(f"server.port cannot change while shoal runs; keeping {node.port}") == 1
     assert log.count("redis.url cannot change while shoal runs; keeping the running") == 1
@@ -213,7 +207,7 @@ async def test_sigusr1_reloads_without_reading_the_file(node: Shoal) -> None:
     rewrite(node, {"server": {"worker_num": 3}})
     old = set(node.worker_pids())
     node.signal(signal.SIGUSR1)
-    await asyncio.to_thread(wait_until, lambda: replaced(node, old), 30, "new workers")
+    await asyncio.to_thread(wait_until, lambda: workers_replaced(node, old), 30, "new workers")
     assert len(node.worker_pids()) == 2
 
 
@@ -273,7 +267,9 @@ async def test_max_request_recycles_a_worker_replacement_first(
                 await c.request({"type": "presence"}, "presence")
             code, _ = await closed_with(c)
         assert code == 1012
-        await asyncio.to_thread(wait_until, lambda: replaced(node, {old}), 15, "a new worker")
+        await asyncio.to_thread(
+            wait_until, lambda: workers_replaced(node, {old}), 15, "a new worker"
+        )
         assert "(server.max_request); asking to be replaced" in node.log()
         assert scrape(node)["shoal_worker_restarts_total", "max_request"] == 1
         async with client(node.url("b")):
